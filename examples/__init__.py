@@ -1,0 +1,1 @@
+"""Example LightningModules, DataModules and the Hydra training app (``examples/train.py``)."""

@@ -1,0 +1,91 @@
+"""Hydra schemas of the example app: the top-level config and the ``model`` and ``data`` groups.
+
+Each YAML file in ``conf/model`` and ``conf/data`` extends one of these through its defaults list, so
+``model.lr=abc`` or ``data.batch_sz=8`` fails at composition with Hydra's own message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from lightning_gpupar.config import StrategyConfig, TrainerConfig, register_configs
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "examples.models.MLPClassifier"
+    in_features: int = 64
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    num_classes: int = 10
+    lr: float = 3e-3
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "examples.models.CNNClassifier"
+    channels: int = 32
+    num_classes: int = 10
+    lr: float = 3e-3
+
+
+@dataclass
+class TransformerConfig:
+    _target_: str = "examples.models.TransformerClassifier"
+    vocab_size: int = 16
+    d_model: int = 64
+    nhead: int = 4
+    num_layers: int = 4
+    num_classes: int = 2
+    max_len: int = 64
+    lr: float = 1e-3
+
+
+@dataclass
+class DigitsDataConfig:
+    _target_: str = "examples.data.DigitsDataModule"
+    as_images: bool = False
+    batch_size: int = 64
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class TokensDataConfig:
+    _target_: str = "examples.data.MajorityTokenDataModule"
+    num_samples: int = 4096
+    seq_len: int = 15
+    vocab_size: int = 16
+    batch_size: int = 64
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class AppConfig:
+    """Top level: what to train, on what, how; ``seed`` seeds everything; ``test`` runs the test set."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    strategy: StrategyConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    seed: int = 0
+    test: bool = True
+    monitor: str = "val_loss"
+
+
+def register_app_configs() -> None:
+    """Register every schema the app's YAML files extend."""
+    store = ConfigStore.instance()
+    register_configs(store)
+    store.store(name="app_schema", node=AppConfig)
+    store.store(group="model", name="mlp_schema", node=MLPConfig)
+    store.store(group="model", name="cnn_schema", node=CNNConfig)
+    store.store(group="model", name="transformer_schema", node=TransformerConfig)
+    store.store(group="data", name="digits_schema", node=DigitsDataConfig)
+    store.store(group="data", name="tokens_schema", node=TokensDataConfig)

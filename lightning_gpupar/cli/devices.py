@@ -1,0 +1,62 @@
+"""``gpupar-devices``: the devices this process sees, their memory, and what ``"auto"`` would pick."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lightning_gpupar.devices import auto_select, format_bytes, parse_bytes, query_gpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpupar-devices", description=__doc__)
+    parser.add_argument(
+        "--min-free-memory", default="1GiB", help="what 'auto' requires free on a GPU (default: 1GiB)"
+    )
+    args = parser.parse_args(argv)
+    console = Console(soft_wrap=True)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        console.print(f"CUDA_VISIBLE_DEVICES={visible!r}: ids below count from 0 within that list.")
+
+    gpus = query_gpus()
+    if not gpus:
+        console.print(
+            f"No CUDA device is visible to this process (torch {torch.__version__}, "
+            f"CUDA build: {'yes' if torch.version.cuda else 'no'}).\n"
+            f"CPU replicas are available ({os.cpu_count()} CPU cores): for example\n"
+            "  python examples/train.py strategy=dp trainer.accelerator=cpu strategy.device_ids=2"
+        )
+        return 0
+
+    min_free = parse_bytes(args.min_free_memory)
+    picked = auto_select(gpus, min_free)
+    table = Table(title="CUDA devices")
+    for column in ("id", "name", "total", "free", "util", "processes", "auto"):
+        table.add_column(column)
+    for g in gpus:
+        table.add_row(
+            str(g.index),
+            g.name,
+            format_bytes(g.total_bytes),
+            format_bytes(g.free_bytes),
+            "-" if g.utilization_percent is None else f"{g.utilization_percent}%",
+            "-" if g.processes is None else (", ".join(g.processes) or "none"),
+            f"#{picked.index(g.index) + 1}" if g.index in picked else "",
+        )
+    console.print(table)
+    console.print(
+        f"device_ids=auto picks {picked or 'nothing'} "
+        f"(GPUs with at least {format_bytes(min_free)} free, most free first)."
+    )
+    if all(g.utilization_percent is None for g in gpus):
+        console.print("Install nvidia-ml-py for utilisation and process lists.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

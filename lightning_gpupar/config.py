@@ -1,0 +1,117 @@
+"""Structured configs for the ``strategy`` and ``trainer`` groups, and ``build_trainer``.
+
+The dataclasses are Hydra schemas: a YAML file in ``conf/strategy/`` extends one of them through its
+defaults list, so a misspelt key or a wrong type fails at composition with Hydra's own message.
+``strategy.device_ids`` is the one knob for devices; :func:`build_trainer` resolves it through
+:mod:`lightning_gpupar.devices` before any Trainer exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import Strategy
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_gpupar.devices import DeviceSelection, resolve_devices
+
+#: Keys of a strategy config that choose devices; the rest are the strategy's constructor arguments.
+DEVICE_KEYS = ("device_ids", "min_free_memory", "cpu_fallback")
+
+
+@dataclass
+class StrategyConfig:
+    """Fields every strategy config has.
+
+    ``_target_`` is the strategy class (``None``: Lightning's own single-device strategy).
+    ``device_ids`` takes any request :func:`~lightning_gpupar.devices.resolve_devices` understands.
+    ``cpu_fallback`` is how many CPU devices ``"auto"`` means on a machine without GPUs.
+    """
+
+    _target_: Any = None
+    device_ids: Any = "auto"
+    min_free_memory: str = "1GiB"
+    cpu_fallback: int = 1
+
+
+@dataclass
+class SingleStrategyConfig(StrategyConfig):
+    """One device: the best GPU, or the CPU."""
+
+    device_ids: Any = "auto:1"
+
+
+@dataclass
+class TrainerConfig:
+    """The Trainer arguments the app exposes; devices and strategy come from the strategy config."""
+
+    _target_: str = "lightning.pytorch.Trainer"
+    accelerator: str = "auto"
+    precision: Any = "32-true"
+    max_epochs: int = 10
+    max_steps: int = -1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    num_sanity_val_steps: int = 2
+    gradient_clip_val: Any = None
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    num_nodes: int = 1
+    deterministic: Any = None
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+
+
+def register_configs(store: ConfigStore | None = None) -> None:
+    """Register the schemas the YAML files in ``conf/strategy`` and ``conf/trainer`` extend."""
+    store = store or ConfigStore.instance()
+    store.store(group="strategy", name="single_schema", node=SingleStrategyConfig)
+    store.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+
+
+def select_devices(strategy_cfg: DictConfig, accelerator: str) -> DeviceSelection:
+    """Resolve ``strategy.device_ids`` for the given accelerator (raises DeviceSelectionError)."""
+    return resolve_devices(
+        strategy_cfg.device_ids,
+        accelerator,
+        default_cpu_count=strategy_cfg.cpu_fallback,
+        min_free_memory=strategy_cfg.min_free_memory,
+    )
+
+
+def build_strategy(strategy_cfg: DictConfig) -> Strategy | str:
+    """Instantiate the strategy from its config, without the device keys; ``"auto"`` when it has no target."""
+    kwargs = OmegaConf.to_container(strategy_cfg, resolve=True)
+    assert isinstance(kwargs, dict)
+    for key in DEVICE_KEYS:
+        kwargs.pop(key, None)
+    if kwargs.get("_target_") is None:
+        return "auto"
+    strategy = instantiate(kwargs, _convert_="all")
+    assert isinstance(strategy, Strategy)
+    return strategy
+
+
+def build_trainer(cfg: DictConfig, **trainer_kwargs: Any) -> pl.Trainer:
+    """A Trainer from ``cfg.trainer`` and ``cfg.strategy``; ``trainer_kwargs`` (callbacks, logger...) win."""
+    selection = select_devices(cfg.strategy, cfg.trainer.accelerator)
+    if cfg.strategy._target_ is None and len(selection) > 1:
+        raise ValueError(
+            f"strategy=single runs on one device, but strategy.device_ids={cfg.strategy.device_ids!r} "
+            f"selected {len(selection)}. Choose one device, or a parallel strategy "
+            "(strategy=dp, strategy=ddp)."
+        )
+    trainer = instantiate(
+        cfg.trainer,
+        accelerator=selection.accelerator,
+        devices=selection.trainer_devices,
+        strategy=build_strategy(cfg.strategy),
+        **trainer_kwargs,
+    )
+    assert isinstance(trainer, pl.Trainer)
+    return trainer

@@ -1,0 +1,286 @@
+"""Turn a device request into concrete torch devices, validated against what this process can see.
+
+A request is what a user writes in ``strategy.device_ids``:
+
+=================  ==============================================================================
+``[0, 3]``         these CUDA devices (ids as this process sees them under ``CUDA_VISIBLE_DEVICES``)
+``"0,3"``          the same, as a string
+``2``              two devices: ``cuda:0, cuda:1``, or two CPU devices when the accelerator is the CPU
+``-1``             every visible GPU
+``"auto"``         the GPUs with the most free memory above ``min_free_memory`` (CPU when none)
+``"auto:2"``       the two GPUs with the most free memory
+``"cpu"``          CPU devices (the strategy's default count)
+=================  ==============================================================================
+
+Everything that can be wrong with a request is reported here, before a Trainer exists, in an error that
+names the request, what exists, and what to write instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, cast
+
+import torch
+from lightning.fabric.accelerators.cuda import num_cuda_devices
+from lightning.fabric.utilities.device_parser import _normalize_parse_gpu_string_input
+
+DeviceRequest = int | str | Sequence[int] | None
+AcceleratorName = Literal["auto", "cpu", "gpu", "cuda"]
+
+_ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+class DeviceSelectionError(ValueError):
+    """A device request that cannot be satisfied; the message says what exists and what to write."""
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    """One CUDA device as this process sees it."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    utilization_percent: int | None = None
+    processes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DeviceSelection:
+    """The concrete devices a request resolved to."""
+
+    accelerator: Literal["cpu", "cuda"]
+    devices: tuple[torch.device, ...] = field(default_factory=tuple)
+
+    @property
+    def trainer_devices(self) -> list[int] | int:
+        """The value for ``Trainer(devices=...)``: CUDA ids, or a CPU device count."""
+        if self.accelerator == "cuda":
+            return [d.index for d in self.devices if d.index is not None]
+        return len(self.devices)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+
+def parse_bytes(value: int | str) -> int:
+    """``"10GiB"`` -> 10737418240; ``"1.5GB"`` -> 1500000000; ints pass through."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"Cannot read {value!r} as a size: write e.g. 512MiB, 10GiB or 1.5GB.")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cuda_device_count() -> int:
+    """How many CUDA devices this process sees (Lightning's NVML-based count: no CUDA context is created)."""
+    return num_cuda_devices() if torch.cuda.is_available() else 0
+
+
+def query_gpus() -> list[GPUInfo]:
+    """Name, memory and (with nvidia-ml-py) utilisation and processes of every visible CUDA device.
+
+    ``torch.cuda.mem_get_info`` creates a CUDA context on each device it asks; call this only when the
+    answer is needed (``"auto"`` or ``gpupar-devices``).
+    """
+    infos = []
+    for index in range(cuda_device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        util, procs = _nvml_details(index)
+        name = torch.cuda.get_device_name(index)
+        infos.append(GPUInfo(index, name, total, free, util, procs))
+    return infos
+
+
+def _nvml_details(index: int) -> tuple[int | None, tuple[str, ...] | None]:
+    """Utilisation and process list from NVML, matched by UUID (NVML counts in PCI order, CUDA may not)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        util = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        procs = tuple(
+            f"pid {p.pid} ({format_bytes(p.usedGpuMemory or 0)})"
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        )
+        return util, procs
+    except Exception:  # nvidia-ml-py is optional and NVML may be absent: report what torch knows
+        return None, None
+
+
+def auto_select(gpus: Sequence[GPUInfo], min_free_bytes: int, count: int | None = None) -> list[int]:
+    """Ids of the GPUs with the most free memory, at least ``min_free_bytes`` each, best first."""
+    usable = sorted((g for g in gpus if g.free_bytes >= min_free_bytes), key=lambda g: -g.free_bytes)
+    if count is not None:
+        if count > len(usable):
+            raise DeviceSelectionError(
+                f"device_ids='auto:{count}' asks for {count} GPUs with at least "
+                f"{format_bytes(min_free_bytes)} free, but only {len(usable)} qualify: "
+                f"{_describe_gpus(gpus)}. Lower strategy.min_free_memory or ask for fewer GPUs."
+            )
+        usable = usable[:count]
+    return [g.index for g in usable]
+
+
+def resolve_devices(
+    request: DeviceRequest,
+    accelerator: str = "auto",
+    *,
+    default_cpu_count: int = 1,
+    min_free_memory: int | str = "1GiB",
+) -> DeviceSelection:
+    """Resolve a device request (see the module docstring) into a validated :class:`DeviceSelection`."""
+    if accelerator not in _ACCELERATORS:
+        raise DeviceSelectionError(
+            f"Unknown accelerator {accelerator!r}. Valid: {', '.join(_ACCELERATORS)} "
+            "(trainer.accelerator=cpu for CPU devices)."
+        )
+    request = _normalize(request)
+    available = cuda_device_count()
+    want_cpu = accelerator == "cpu" or (accelerator == "auto" and available == 0)
+
+    if request == "cpu":
+        return _cpu(default_cpu_count)
+    if isinstance(request, str):  # "auto" or "auto:N"
+        if want_cpu:
+            return _cpu(default_cpu_count if request == "auto" else int(request.split(":")[1]))
+        _require_cuda(request, available)
+        count = None if request == "auto" else int(request.split(":")[1])
+        ids = auto_select(query_gpus(), parse_bytes(min_free_memory), count)
+        if not ids:
+            raise DeviceSelectionError(
+                f"device_ids='auto' found no GPU with at least {format_bytes(parse_bytes(min_free_memory))} "
+                f"free: {_describe_gpus(query_gpus())}. Lower strategy.min_free_memory, name the ids, "
+                "or use trainer.accelerator=cpu."
+            )
+        return _cuda(ids)
+    if isinstance(request, int):
+        if want_cpu:
+            if request < 1:
+                raise DeviceSelectionError(f"device_ids={request}: a CPU device count must be >= 1.")
+            return _cpu(request)
+        _require_cuda(request, available)
+        if request == 0 or request < -1:
+            raise DeviceSelectionError(
+                f"device_ids={request} is not a device count: write a count >= 1, -1 for all "
+                f"{available} visible GPUs, or a list of ids such as [0, 1]."
+            )
+        if request > available:
+            raise DeviceSelectionError(
+                f"device_ids={request} asks for {request} GPUs but this process sees {available}: "
+                f"{_visible_note(available)}"
+            )
+        return _cuda(range(available) if request == -1 else range(request))
+
+    ids = list(request)
+    _check_ids(ids, request)
+    if accelerator == "cpu":
+        if ids != list(range(len(ids))):
+            raise DeviceSelectionError(
+                f"device_ids={ids} with trainer.accelerator=cpu: CPU devices are counted, not chosen by id. "
+                f"Write strategy.device_ids={len(ids)}."
+            )
+        return _cpu(len(ids))
+    _require_cuda(ids, available)
+    unknown = [i for i in ids if i >= available]
+    if unknown:
+        raise DeviceSelectionError(
+            f"device_ids={ids}: no GPU with id {', '.join(map(str, unknown))}. {_visible_note(available)}"
+        )
+    return _cuda(ids)
+
+
+def _normalize(request: DeviceRequest) -> int | str | list[int]:
+    """Lightning's string parsing (``"0,3"`` -> ``[0, 3]``, ``"2"`` -> 2) plus our ``auto``/``cpu`` words."""
+    if request is None:
+        return "auto"
+    if isinstance(request, bool):
+        raise DeviceSelectionError(f"device_ids={request!r} is not a device request. {_GRAMMAR}")
+    if isinstance(request, str):
+        text = request.strip().lower()
+        if text in ("auto", "cpu") or re.fullmatch(r"auto:[1-9][0-9]*", text):
+            return text
+        try:
+            return _normalize_parse_gpu_string_input(text.strip("[]"))
+        except ValueError:
+            raise DeviceSelectionError(
+                f"device_ids={request!r} is not a device request. {_GRAMMAR}"
+            ) from None
+    if isinstance(request, int):
+        return request
+    if isinstance(request, Sequence):
+        return list(cast(Sequence[int], request))
+    raise DeviceSelectionError(f"device_ids={request!r} is not a device request. {_GRAMMAR}")
+
+
+_GRAMMAR = "Valid: a list of GPU ids ([0,3] or '0,3'), a count (2), -1 (all GPUs), 'auto', 'auto:N' or 'cpu'."
+
+
+def _check_ids(ids: list[int], request: object) -> None:
+    if not ids:
+        raise DeviceSelectionError(f"device_ids={request!r} is empty. {_GRAMMAR}")
+    if any(type(i) is not int for i in ids):
+        raise DeviceSelectionError(f"device_ids={request!r}: every id must be an int. {_GRAMMAR}")
+    negative = [i for i in ids if i < 0]
+    if negative:
+        raise DeviceSelectionError(
+            f"device_ids={ids}: ids must be >= 0, got {negative}. Use -1 alone (not in a list) for all GPUs."
+        )
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DeviceSelectionError(
+            f"device_ids={ids}: id {', '.join(map(str, duplicates))} appears more than once; "
+            "each device can be used once."
+        )
+
+
+def _require_cuda(request: object, available: int) -> None:
+    if available == 0:
+        raise DeviceSelectionError(
+            f"device_ids={request!r} asks for GPUs, but no CUDA device is visible to this process "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}). "
+            f"{_visible_note(0)} To run on the CPU instead, use trainer.accelerator=cpu with a device count, "
+            "e.g. strategy.device_ids=2."
+        )
+
+
+def _visible_note(available: int) -> str:
+    ids = f"ids 0..{available - 1} exist" if available else "no GPU ids exist"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return f"This process sees {available} GPU(s): {ids}."
+    return (
+        f"This process sees {available} GPU(s): {ids}. CUDA_VISIBLE_DEVICES={visible!r} is set, so ids "
+        "count from 0 within that list, not by the physical numbering nvidia-smi shows."
+    )
+
+
+def _describe_gpus(gpus: Sequence[GPUInfo]) -> str:
+    return ", ".join(f"cuda:{g.index} {format_bytes(g.free_bytes)} free" for g in gpus) or "no GPUs"
+
+
+def _cpu(count: int) -> DeviceSelection:
+    return DeviceSelection("cpu", tuple(torch.device("cpu") for _ in range(count)))
+
+
+def _cuda(ids: Sequence[int]) -> DeviceSelection:
+    return DeviceSelection("cuda", tuple(torch.device("cuda", i) for i in ids))

@@ -1,0 +1,43 @@
+"""Shared fixtures: mocked CUDA inventories and Hydra composition of the example app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from examples.schema import register_app_configs
+from lightning_gpupar import devices
+from lightning_gpupar.devices import GPUInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[GPUInfo]]:
+    """Make this process see GPUs with the given free memory (GiB), e.g. ``fake_gpus(10, 40, 2, 40)``."""
+
+    def install(*free_gib: float, total_gib: float = 80) -> list[GPUInfo]:
+        gpus = [
+            GPUInfo(i, "Fake H100", int(total_gib * GiB), int(free * GiB)) for i, free in enumerate(free_gib)
+        ]
+        monkeypatch.setattr(devices, "cuda_device_count", lambda: len(gpus))
+        monkeypatch.setattr(devices, "query_gpus", lambda: list(gpus))
+        return gpus
+
+    return install
+
+
+@pytest.fixture
+def compose_app() -> Iterator[Callable[..., DictConfig]]:
+    """Compose the example app's config with overrides, as `python examples/train.py ...` would."""
+    register_app_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))

@@ -1,0 +1,129 @@
+"""Device requests -> concrete devices, against mocked CUDA inventories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from lightning_gpupar.devices import (
+    DeviceSelectionError,
+    GPUInfo,
+    auto_select,
+    parse_bytes,
+    resolve_devices,
+)
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("request_", "accelerator", "expected"),
+    [
+        ([0, 3], "auto", ["cuda:0", "cuda:3"]),
+        ([3, 0], "gpu", ["cuda:3", "cuda:0"]),
+        ("0,3", "cuda", ["cuda:0", "cuda:3"]),
+        ("[1,2]", "auto", ["cuda:1", "cuda:2"]),
+        (2, "auto", ["cuda:0", "cuda:1"]),
+        ("2", "gpu", ["cuda:0", "cuda:1"]),
+        (-1, "auto", ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]),
+        ("auto", "auto", ["cuda:1", "cuda:3", "cuda:0"]),  # most free first; cuda:2 below the minimum
+        ("auto:2", "gpu", ["cuda:1", "cuda:3"]),
+        (None, "auto", ["cuda:1", "cuda:3", "cuda:0"]),
+        (2, "cpu", ["cpu", "cpu"]),
+        ([0, 1, 2], "cpu", ["cpu", "cpu", "cpu"]),
+        ("cpu", "auto", ["cpu", "cpu"]),
+        ("auto", "cpu", ["cpu", "cpu"]),
+    ],
+)
+def test_requests_resolve_on_four_gpus(
+    fake_gpus: Callable[..., list[GPUInfo]], request_: object, accelerator: str, expected: list[str]
+) -> None:
+    fake_gpus(10, 40, 0.5, 30)
+    selection = resolve_devices(request_, accelerator, default_cpu_count=2)  # type: ignore[arg-type]
+    assert [str(d) for d in selection.devices] == expected
+    assert selection.accelerator == ("cpu" if expected[0] == "cpu" else "cuda")
+
+
+def test_trainer_devices_are_ids_for_cuda_and_a_count_for_cpu(
+    fake_gpus: Callable[..., list[GPUInfo]],
+) -> None:
+    fake_gpus(10, 10, 10, 10)
+    assert resolve_devices([0, 3]).trainer_devices == [0, 3]
+    assert resolve_devices(3, "cpu").trainer_devices == 3
+
+
+@pytest.mark.parametrize(
+    ("request_", "accelerator", "message"),
+    [
+        ([0, 4], "auto", "no GPU with id 4"),
+        ([0, 4], "auto", "ids 0..3 exist"),
+        ([1, 1], "gpu", "id 1 appears more than once"),
+        ([0, -2], "gpu", "ids must be >= 0"),
+        (5, "gpu", "asks for 5 GPUs but this process sees 4"),
+        (0, "gpu", "not a device count"),
+        ([], "gpu", "is empty"),
+        ("zero,one", "gpu", "not a device request"),
+        (True, "gpu", "not a device request"),
+        ([0, 3], "cpu", "Write strategy.device_ids=2"),
+        ([0, 1], "tpu", "Unknown accelerator 'tpu'"),
+        ("auto:4", "gpu", "only 3 qualify"),
+    ],
+)
+def test_bad_requests_name_the_request_and_the_fix(
+    fake_gpus: Callable[..., list[GPUInfo]], request_: object, accelerator: str, message: str
+) -> None:
+    fake_gpus(10, 40, 0.5, 30)
+    with pytest.raises(DeviceSelectionError, match=message):
+        resolve_devices(request_, accelerator)  # type: ignore[arg-type]
+
+
+def test_gpus_without_cuda_suggest_the_cpu(fake_gpus: Callable[..., list[GPUInfo]]) -> None:
+    fake_gpus()
+    with pytest.raises(DeviceSelectionError, match=r"trainer\.accelerator=cpu") as info:
+        resolve_devices([0, 3])
+    assert "[0, 3]" in str(info.value)
+    with pytest.raises(DeviceSelectionError, match="no CUDA device is visible"):
+        resolve_devices(2, "gpu")
+    assert [str(d) for d in resolve_devices(2).devices] == ["cpu", "cpu"]  # a count is device-agnostic
+
+
+def test_error_explains_cuda_visible_devices(
+    fake_gpus: Callable[..., list[GPUInfo]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_gpus(10, 10)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    with pytest.raises(DeviceSelectionError, match=r"CUDA_VISIBLE_DEVICES='2,5' is set.*count from 0"):
+        resolve_devices([5])
+
+
+def test_auto_honours_the_minimum_free_memory(fake_gpus: Callable[..., list[GPUInfo]]) -> None:
+    fake_gpus(10, 40, 0.5, 30)
+    assert resolve_devices("auto", min_free_memory="20GiB").trainer_devices == [1, 3]
+    with pytest.raises(DeviceSelectionError, match=r"no GPU with at least 50\.0 GiB free"):
+        resolve_devices("auto", min_free_memory="50GiB")
+
+
+def test_auto_select_orders_by_free_memory() -> None:
+    gpus = [GPUInfo(i, "x", 80 * GiB, free * GiB) for i, free in enumerate([5, 7, 6])]
+    assert auto_select(gpus, 0) == [1, 2, 0]
+    assert auto_select(gpus, 6 * GiB, count=1) == [1]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("10GiB", 10 * GiB), ("1.5GB", 1_500_000_000), ("512", 512), (7, 7), ("2 MiB", 2 << 20)],
+)
+def test_parse_bytes(text: str | int, value: int) -> None:
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_rejects_unknown_units() -> None:
+    with pytest.raises(ValueError, match="10GiB"):
+        parse_bytes("10 parsecs")
+
+
+def test_real_machine_resolves_a_cpu_count() -> None:
+    selection = resolve_devices(2, "cpu")
+    assert selection.devices == (torch.device("cpu"), torch.device("cpu"))
