@@ -1,0 +1,138 @@
+"""Reading and writing checkpoint files safely.
+
+Writes go to a temporary file in the target's directory, are fsynced, then ``os.replace``d onto the
+target, so an exception or a kill mid-write leaves the previous file whole. (Lightning's
+``_atomic_save`` serialises into memory first, then writes the target in place, or through fsspec's
+local transaction, whose temporary file lives in the system temp dir and is moved over with a
+copy when that is another filesystem: a kill during that write truncates the old checkpoint.)
+
+Reads use ``weights_only=True`` unless the caller opts out, and turn torch's failures into errors
+that say what is wrong with the file and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from typing_extensions import override
+
+from lightning_gpupar.checkpoint.keys import CheckpointError
+
+UNSAFE_HINT = (
+    "Unpickling can run arbitrary code: opt in only for a file you trust, with weights_only=False "
+    "(trainer.fit(..., ckpt_path=..., weights_only=False)) or `gpupar-ckpt ... --unsafe-unpickle`."
+)
+
+
+class CheckpointFileError(CheckpointError, ValueError):
+    """The file is missing, truncated, corrupted or not a PyTorch checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """The file holds objects that only full (unsafe) unpickling can rebuild."""
+
+
+def atomic_write(path: _PATH, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it onto ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """``torch.save(obj, path)`` that never leaves a partly written ``path`` behind."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """``torch.load`` with readable errors; tensors go to ``map_location`` (default: CPU)."""
+    file = Path(path)
+    if not file.is_file():
+        what = "is a directory" if file.is_dir() else "does not exist"
+        raise FileNotFoundError(f"Checkpoint {str(file)!r} {what}.")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if weights_only and "Weights only load failed" in str(err):
+            raise UnsafeCheckpointError(_unsafe_message(file)) from err
+        raise _file_error(file, err) from err
+    except (RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise _file_error(file, err) from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with atomic local writes and ``weights_only=True`` loads."""
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r}).")
+        atomic_torch_save(checkpoint, path)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        checkpoint: dict[str, Any] = load_checkpoint_file(path, map_location, weights_only is not False)
+        return checkpoint
+
+
+def _is_local(path: _PATH) -> bool:
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def _unsafe_message(file: Path) -> str:
+    try:
+        found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(file)) or "none listed"
+    except Exception:  # not a zip checkpoint: torch cannot list what it would import
+        found = "unknown (the file is not in torch's zip format: an old torch.save or a plain pickle)"
+    return (
+        f"Checkpoint {str(file)!r} cannot be loaded with weights_only=True: it needs these Python objects "
+        f"rebuilt: {found}. {UNSAFE_HINT} Or allow just those types: torch.serialization.add_safe_globals."
+    )
+
+
+def _file_error(file: Path, err: BaseException) -> CheckpointFileError:
+    reason = (str(err).splitlines() or [""])[0] or type(err).__name__
+    return CheckpointFileError(
+        f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
+        f"truncated, corrupted or another kind of file. torch said: {type(err).__name__}: {reason}"
+    )
