@@ -1,6 +1,21 @@
-"""Multi-GPU strategies for PyTorch Lightning 2.x, chosen from Hydra configs."""
+"""Multi-GPU strategies for PyTorch Lightning 2.x, chosen from Hydra configs.
 
+Importing the package registers our strategy names ("dp", ...) in Lightning's StrategyRegistry.
+"""
+
+from lightning_gpupar.checkpoint import NormalizeCheckpointKeys
 from lightning_gpupar.devices import DeviceSelection, DeviceSelectionError, resolve_devices
+from lightning_gpupar.strategies import DataParallelStrategy, register_strategies
+from lightning_gpupar.strategies.ddp import DDPStrategy
 
-__all__ = ["DeviceSelection", "DeviceSelectionError", "resolve_devices"]
+register_strategies()
+
+__all__ = [
+    "DDPStrategy",
+    "DataParallelStrategy",
+    "DeviceSelection",
+    "DeviceSelectionError",
+    "NormalizeCheckpointKeys",
+    "resolve_devices",
+]
 __version__ = "0.1.0"

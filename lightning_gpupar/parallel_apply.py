@@ -1,0 +1,74 @@
+"""Run one callable per device in threads, carrying the caller's thread-local torch state into each.
+
+Grad mode, inference mode and autocast are per thread: a replica running in a worker thread would
+silently lose ``torch.no_grad()`` or mixed precision. Each worker re-enters the caller's state (and, on
+CUDA, makes its device current). One callable runs inline, without a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+
+
+def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.device]) -> list[Any]:
+    """``[fn() for fn in fns]``, each in its own thread with the caller's torch state, on its device."""
+    enter_state = _capture_state()
+    if len(fns) == 1:
+        with _on_device(devices[0]):
+            return [fns[0]()]
+
+    results: list[Any] = [None] * len(fns)
+    errors: list[BaseException | None] = [None] * len(fns)
+
+    def work(i: int) -> None:
+        try:
+            with enter_state(), _on_device(devices[i]):
+                results[i] = fns[i]()
+        except BaseException as error:  # re-raised in the caller's thread below
+            errors[i] = error
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"gpupar-replica-{i}") for i in range(len(fns))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, error in enumerate(errors):
+        if error is not None:
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"(raised in data-parallel replica {i} on {devices[i]})")
+            raise error
+    return results
+
+
+def _capture_state() -> Callable[[], ExitStack]:
+    """A context factory that re-enters the calling thread's grad, inference and autocast modes."""
+    grad = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
+    autocast = {
+        kind: torch.get_autocast_dtype(kind) for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind)
+    }
+    cache = torch.is_autocast_cache_enabled()
+
+    def enter() -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(torch.inference_mode(inference))
+        stack.enter_context(torch.set_grad_enabled(grad))
+        for kind, dtype in autocast.items():
+            stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=cache))
+        return stack
+
+    return enter
+
+
+@contextmanager
+def _on_device(device: torch.device) -> Iterator[None]:
+    if device.type == "cuda":
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
+            yield
+    else:
+        yield

@@ -1,0 +1,129 @@
+"""What replicas log and the metrics they update, merged into the root module once per step.
+
+Replicas run in worker threads; Lightning's logging is not thread-safe and a replica's metric updates die
+with the replica. So each replica's ``self.log`` is a :class:`LogRecorder`, and after the step the caller's
+thread logs each name once on the root module:
+
+* numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size (so the value
+  equals the full batch's mean), ``sum``, ``max`` or ``min``;
+* torchmetrics ``Metric`` states are merged into the root's metric (``Metric.merge_state``), and the
+  logged value is the root's metric, whose step value is computed from the whole batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import Metric
+
+_LOG_SIGNATURE = inspect.signature(LightningModule.log)
+_REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+_REDUCTIONS_BY_FN = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
+
+
+class LogRecorder:
+    """Stands in for ``LightningModule.log`` on a replica: records the call instead of logging it."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        bound = _LOG_SIGNATURE.bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        del call["self"]
+        self.calls.append(call)
+
+
+def metric_pairs(
+    root: LightningModule, replicas: Sequence[LightningModule]
+) -> list[tuple[Metric, list[Metric]]]:
+    """Each root metric with its copies in the replicas (``replicate`` keeps module order)."""
+    root_metrics = [m for m in root.modules() if isinstance(m, Metric)]
+    copies = [[m for m in r.modules() if isinstance(m, Metric)] for r in replicas]
+    return [(metric, [c[i] for c in copies]) for i, metric in enumerate(root_metrics)]
+
+
+def merge_metrics(pairs: Sequence[tuple[Metric, list[Metric]]], logged: set[int]) -> None:
+    """Merge replica metric states into the root metrics.
+
+    Root metrics whose replica copies were logged (``logged`` holds the copies' ids) also get the whole
+    batch's step value, which Lightning reads for ``on_step`` logging.
+    """
+    for root_metric, copies in pairs:
+        updated = [c for c in copies if c.update_count > 0]
+        if not updated:
+            continue
+        _check_mergeable(root_metric)
+        for copy in updated:
+            root_metric._update_count += copy.update_count
+            root_metric.merge_state(copy)
+        root_metric._computed = None
+        if any(id(c) in logged for c in copies):
+            step = updated[0].clone()
+            for copy in updated[1:]:
+                step._update_count += copy.update_count
+                step.merge_state(copy)
+            root_metric._forward_cache = step.compute()
+
+
+def replay_logs(
+    root: LightningModule,
+    recorders: Sequence[LogRecorder],
+    weights: Sequence[int],
+    pairs: Sequence[tuple[Metric, list[Metric]]],
+    device: torch.device,
+) -> None:
+    """Log every recorded name once on ``root``, combining the replicas' values (module docstring)."""
+    to_root = {id(copy): root_metric for root_metric, copies in pairs for copy in copies}
+    names: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for weight, recorder in zip(weights, recorders, strict=True):
+        for call in recorder.calls:
+            names.setdefault(call["name"], []).append((weight, call))
+    for name, entries in names.items():
+        call = dict(entries[0][1])
+        if isinstance(call["value"], Metric):
+            call["value"] = to_root[id(call["value"])]
+        else:
+            call["value"] = _combine(name, [(w, c["value"]) for w, c in entries], call["reduce_fx"], device)
+        if call["batch_size"] is not None:
+            call["batch_size"] = sum(c["batch_size"] or 0 for _, c in entries)
+        root.log(**call)
+
+
+def logged_metric_ids(recorders: Sequence[LogRecorder]) -> set[int]:
+    """Ids of the Metric objects the replicas logged."""
+    return {id(c["value"]) for r in recorders for c in r.calls if isinstance(c["value"], Metric)}
+
+
+def _combine(name: str, values: list[tuple[int, Any]], reduce_fx: Any, device: torch.device) -> Tensor:
+    reduction = _REDUCTIONS.get(reduce_fx) if isinstance(reduce_fx, str) else _REDUCTIONS_BY_FN.get(reduce_fx)
+    if reduction is None:
+        raise ValueError(
+            f"self.log({name!r}, reduce_fx={reduce_fx!r}) under strategy=dp: values logged by replicas can "
+            "be combined with reduce_fx 'mean', 'sum', 'max' or 'min' (or torch.mean/sum/max/min)."
+        )
+    tensors = [torch.as_tensor(v).to(device).reshape(()) for _, v in values]
+    dtype = tensors[0].dtype if tensors[0].is_floating_point() else torch.get_default_dtype()
+    stacked = torch.stack([t.to(dtype) for t in tensors])
+    weights = torch.tensor([float(w) for w, _ in values], device=device, dtype=dtype)
+    if reduction == "mean":
+        return (stacked * weights).sum() / weights.sum()
+    if reduction == "sum":
+        return stacked.sum()
+    return stacked.max() if reduction == "max" else stacked.min()
+
+
+def _check_mergeable(metric: Metric) -> None:
+    if metric.full_state_update is not False or metric.dist_sync_on_step:
+        raise RuntimeError(
+            f"{type(metric).__name__} cannot be merged across data-parallel replicas (it declares "
+            "full_state_update=True or dist_sync_on_step=True, so torchmetrics' merge_state refuses it). "
+            "Update it outside the replicas (for example in on_train_batch_end from the gathered outputs), "
+            "or use strategy=ddp."
+        )

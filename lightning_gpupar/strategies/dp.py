@@ -1,0 +1,267 @@
+"""``strategy="dp"``: one process, the batch split over the chosen devices, a replica per device.
+
+The path of one step, top to bottom in :meth:`DataParallelStrategy._parallel_step`:
+
+1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.batch`);
+2. move shard i to device i through the module's batch-transfer hooks;
+3. replicate the module onto those devices (:mod:`lightning_gpupar.replicate`);
+4. run the replica's own ``*_step`` on its shard in a thread (:mod:`lightning_gpupar.parallel_apply`),
+   with its ``self.log`` recorded instead of logged;
+5. merge the replicas' metric states and logged values into the root, once, on this thread
+   (:mod:`lightning_gpupar.replica_results`);
+6. gather the outputs on ``output_device``; the loss is the shard-size-weighted mean, equal to the
+   full-batch mean (:mod:`lightning_gpupar.gather`).
+
+CPU and CUDA run the same path; only the tensor copies differ. With one device (or a one-sample batch)
+the step runs on the root module directly.
+
+Rules users should know (as in ``nn.DataParallel``): BatchNorm running statistics are the first replica's;
+attributes a replica sets on ``self`` during a step are dropped with it (store state in buffers updated in
+place on the first replica, in metrics, or via ``self.log``); ``sync_batchnorm=True`` is refused (it needs
+one process per device: use ``strategy=ddp``). With manual optimization the step runs once, on the full
+batch, and calls to the LightningModule's ``forward`` (``self(x)``) inside it run data-parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.layer_sync import LayerSync
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor
+
+from lightning_gpupar.batch import split_batch
+from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
+from lightning_gpupar.gather import gather_outputs
+from lightning_gpupar.parallel_apply import run_parallel
+from lightning_gpupar.replica_results import (
+    LogRecorder,
+    logged_metric_ids,
+    merge_metrics,
+    metric_pairs,
+    replay_logs,
+)
+from lightning_gpupar.replicate import replicate
+
+DeviceLike = torch.device | str | int
+
+
+class DataParallelStrategy(CanonicalCheckpointMixin, ParallelStrategy):
+    """Data parallelism in one process over ``parallel_devices`` (the Trainer's ``devices``).
+
+    Checkpoints hold canonical keys and are written atomically (:class:`CanonicalCheckpointMixin`).
+
+    Args:
+        output_device: where outputs are gathered and the loss is reduced; one of the chosen devices
+            (a ``torch.device``, ``"cuda:3"``, or a CUDA index). Default: the first device.
+    """
+
+    strategy_name = "dp"
+
+    def __init__(
+        self,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        output_device: DeviceLike | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=None,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._output_device = output_device
+
+    # -- devices --------------------------------------------------------------------------------------
+
+    @property
+    def devices(self) -> list[torch.device]:
+        assert self.parallel_devices, "DataParallelStrategy has no devices before the Trainer sets them"
+        return self.parallel_devices
+
+    @property
+    def root_device(self) -> torch.device:
+        """Where the module's parameters live: the first chosen device."""
+        return self.devices[0]
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where outputs are gathered and the loss is reduced."""
+        if self._output_device is None:
+            return self.root_device
+        wanted = self._output_device
+        device = torch.device("cuda", wanted) if isinstance(wanted, int) else torch.device(wanted)
+        if device not in self.devices:
+            raise ValueError(
+                f"DataParallelStrategy(output_device={wanted!r}): {device} is not one of the chosen devices "
+                f"{[str(d) for d in self.devices]}. Pick one of them, or leave output_device unset for the "
+                "first."
+            )
+        return device
+
+    @property
+    def _layer_sync(self) -> LayerSync | None:
+        return None
+
+    @_layer_sync.setter
+    def _layer_sync(self, layer_sync: LayerSync | None) -> None:
+        if layer_sync is not None:
+            raise ValueError(
+                "Trainer(sync_batchnorm=True) cannot be combined with strategy='dp': all replicas live in "
+                "one process and see a shard each, and BatchNorm keeps the first replica's statistics. Use "
+                "strategy='ddp' (one process per device) for synchronised BatchNorm, or drop sync_batchnorm."
+            )
+
+    def setup_environment(self) -> None:
+        _ = self.output_device  # validate before training starts
+        super().setup_environment()
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """With several devices the batch stays where it is: each shard moves to its own device later."""
+        if len(self.devices) == 1 or device is not None:
+            return super().batch_to_device(batch, device, dataloader_idx)
+        return batch
+
+    # -- one process: collectives are identities ------------------------------------------------------
+
+    @property
+    def global_rank(self) -> int:
+        return 0
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    @property
+    def node_rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": 1, "rank": 0}
+
+    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        """Values are already combined over replicas in this process."""
+        return tensor
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        return tensor
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return decision
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.train_step_context():
+            module = self._module
+            if not module.automatic_optimization and len(self.devices) > 1:
+                return self._manual_optimization_step(*args, **kwargs)
+            return self._parallel_step("training_step", *args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.val_step_context():
+            return self._parallel_step("validation_step", *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.test_step_context():
+            return self._parallel_step("test_step", *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.predict_step_context():
+            return self._parallel_step("predict_step", *args, **kwargs)
+
+    @property
+    def _module(self) -> LightningModule:
+        module = self.lightning_module
+        assert module is not None
+        return module
+
+    def _parallel_step(self, step_name: str, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        """Split -> transfer -> replicate -> per-replica step -> merge logs and metrics -> gather."""
+        root = self._module
+        if len(self.devices) == 1:
+            return getattr(root, step_name)(batch, *args, **kwargs)
+
+        shards, sizes = split_batch(batch, len(self.devices))
+        devices = self.devices[: len(shards)]
+        dataloader_idx = kwargs.get("dataloader_idx", args[1] if len(args) > 1 else 0)
+        shards = [
+            root._apply_batch_transfer_handler(s, d, dataloader_idx)
+            for s, d in zip(shards, devices, strict=True)
+        ]
+
+        replicas = replicate(root, devices)
+        recorders = [LogRecorder() for _ in replicas]
+        for replica, recorder in zip(replicas, recorders, strict=True):
+            replica.__dict__["log"] = recorder
+        steps: list[Callable[[], Any]] = [
+            partial(getattr(replica, step_name), shard, *args, **kwargs)
+            for replica, shard in zip(replicas, shards, strict=True)
+        ]
+        outputs = run_parallel(steps, devices)
+
+        pairs = metric_pairs(root, replicas)
+        merge_metrics(pairs, logged_metric_ids(recorders))
+        replay_logs(root, recorders, sizes, pairs, self.output_device)
+        return gather_outputs(outputs, sizes, self.output_device)
+
+    def _manual_optimization_step(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        """The user's step runs once on the full batch; ``self(...)`` inside it runs data-parallel."""
+        root = self._module
+        batch = root._apply_batch_transfer_handler(batch, self.output_device, 0)
+        with self._parallel_forward(root):
+            return root.training_step(batch, *args, **kwargs)
+
+    @contextmanager
+    def _parallel_forward(self, root: LightningModule) -> Iterator[None]:
+        def forward(*inputs: Any, **kw: Any) -> Any:
+            shards, sizes = split_batch((inputs, kw), len(self.devices))
+            devices = self.devices[: len(shards)]
+            replicas = replicate(root, devices)
+            for replica in replicas:
+                del replica.__dict__["forward"]  # the class's forward, not this one
+            calls = [
+                partial(_call_on_device, replica, shard, device)
+                for replica, shard, device in zip(replicas, shards, devices, strict=True)
+            ]
+            return gather_outputs(run_parallel(calls, devices), sizes, self.output_device)
+
+        root.__dict__["forward"] = forward
+        try:
+            yield
+        finally:
+            del root.__dict__["forward"]
+
+
+def _call_on_device(
+    module: LightningModule, shard: tuple[tuple[Any, ...], dict[str, Any]], device: torch.device
+) -> Any:
+    inputs, kwargs = move_data_to_device(shard, device)
+    return module(*inputs, **kwargs)

@@ -1,0 +1,328 @@
+"""strategy="dp" on CPU replicas: equivalence with single-device training, and each Lightning 1.x DP bug."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_gpupar import DataParallelStrategy
+from lightning_gpupar.batch import BatchSplitError
+from tests.equivalence import TinyNet, assert_same, make_data, run
+
+
+def dp(devices: int, **kwargs: Any) -> dict[str, Any]:
+    return {"strategy": "dp", "devices": devices, **kwargs}
+
+
+def test_importing_registers_dp() -> None:
+    assert "dp" in StrategyRegistry
+    trainer = pl.Trainer(accelerator="cpu", devices=3, strategy="dp", logger=False)
+    assert isinstance(trainer.strategy, DataParallelStrategy)
+    assert trainer.strategy.parallel_devices == [torch.device("cpu")] * 3
+    assert trainer.world_size == 1
+
+
+# -- equivalence: loss, gradients and weights equal single-device training (float64) --------------------
+
+
+@pytest.mark.parametrize(
+    ("devices", "batch_size", "n"),
+    [
+        (2, 8, 64),  # even split
+        (3, 7, 35),  # 7 samples over 3 replicas: shards of 3, 2, 2
+        (3, 8, 64),  # 8 over 3: 3, 3, 2
+        (3, 2, 16),  # batch smaller than the number of devices: 2 replicas
+        (2, 5, 21),  # last batch of 1 sample: one replica
+    ],
+)
+def test_loss_gradients_and_weights_equal_single_device(devices: int, batch_size: int, n: int) -> None:
+    single = run(batch_size=batch_size, n=n, max_steps=4, devices=1)
+    parallel = run(batch_size=batch_size, n=n, max_steps=4, **dp(devices))
+    assert len(parallel.losses) == len(single.losses) == 4
+    torch.testing.assert_close(parallel.losses, single.losses, rtol=1e-10, atol=0)
+    for g_single, g_parallel in zip(single.grads, parallel.grads, strict=True):
+        assert_same(g_parallel, g_single)
+    assert_same(parallel.weights, single.weights)
+
+
+def test_gradient_clipping_and_accumulation_equal_single_device() -> None:
+    options = dict(gradient_clip_val=0.05, accumulate_grad_batches=2, batch_size=7, n=35, max_steps=3)
+    single = run(devices=1, **options)  # type: ignore[arg-type]
+    parallel = run(**dp(3), **options)  # type: ignore[arg-type]
+    torch.testing.assert_close(parallel.losses, single.losses, rtol=1e-10, atol=0)
+    assert_same(parallel.weights, single.weights)
+
+
+def test_logged_epoch_metrics_equal_single_device() -> None:
+    kwargs = dict(batch_size=7, n=35, max_steps=-1, max_epochs=2, limit_val_batches=None)
+    single = run(devices=1, **kwargs)  # type: ignore[arg-type]
+    parallel = run(**dp(3), **kwargs)  # type: ignore[arg-type]
+    assert {"train_loss_epoch", "val_loss"} <= single.metrics.keys()
+    for key, value in single.metrics.items():
+        assert parallel.metrics[key] == pytest.approx(value, rel=1e-10), key
+
+
+def test_predictions_come_back_in_the_original_order() -> None:
+    single = run(batch_size=7, n=30, max_steps=1, predict=True, devices=1)
+    parallel = run(batch_size=7, n=30, max_steps=1, predict=True, **dp(3))
+    assert parallel.predictions is not None and single.predictions is not None
+    assert parallel.predictions.shape == (30, 3)
+    torch.testing.assert_close(parallel.predictions, single.predictions, rtol=1e-10, atol=1e-12)
+
+
+# -- logging and metrics ----------------------------------------------------------------------------------
+
+
+class LoggingNet(TinyNet):
+    """Logs with every reduce_fx and updates torchmetrics Accuracy in the steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_acc = MulticlassAccuracy(3, average="micro")
+        self.val_acc = MulticlassAccuracy(3, average="micro")
+        self.threads: set[str] = set()
+        self.update_counts: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        self.threads.add(threading.current_thread().name)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("acc_step", self.train_acc, on_step=True, on_epoch=False)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("loss_mean", loss, on_step=False, on_epoch=True)
+        self.log("count", float(len(x)), reduce_fx="sum", on_step=True, on_epoch=False)
+        self.log("largest", x.abs().max(), reduce_fx="max", on_step=True, on_epoch=False)
+        self.log("smallest", x.abs().min(), reduce_fx=torch.min, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.update_counts.append(self.train_acc.update_count)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc.update(logits, y)
+        self.log("val_acc", self.val_acc)
+        self.log("val_loss", F.cross_entropy(logits, y))
+
+
+def test_values_and_metrics_logged_in_replicas_equal_single_device() -> None:
+    kwargs = dict(batch_size=7, n=35, max_steps=-1, max_epochs=1, limit_val_batches=None)
+    single = run(LoggingNet(), devices=1, **kwargs)  # type: ignore[arg-type]
+    module = LoggingNet()
+    parallel = run(module, **dp(3), **kwargs)  # type: ignore[arg-type]
+    # the last training batch has 35 - 4*7 = 7 samples: "count" sums the shards back to the batch size
+    assert parallel.metrics["count"] == single.metrics["count"] == 7
+    for key in ("acc_step", "train_acc", "loss_mean", "largest", "smallest", "val_acc", "val_loss"):
+        assert parallel.metrics[key] == pytest.approx(single.metrics[key], rel=1e-10), key
+    assert len(module.threads) == 3, "the replicas ran in worker threads"
+    assert module.update_counts == [3, 6, 9, 12, 15], "every replica's update reached the root metric"
+
+
+def test_a_metric_that_cannot_be_merged_gets_a_clear_error() -> None:
+    class FullStateAccuracy(MulticlassAccuracy):
+        full_state_update = True
+
+    class Net(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.acc = FullStateAccuracy(3)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            self.acc(self(batch[0]), batch[1])
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match=r"cannot be merged across data-parallel replicas.*strategy=ddp"):
+        run(Net(), **dp(2))
+
+
+# -- what a replica sees ----------------------------------------------------------------------------------
+
+
+class ProbeNet(TinyNet):
+    """Records, from inside each replica, its device and thread-local torch state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.device, bool, torch.dtype | None]] = []
+        self.lock = threading.Lock()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else None
+        with self.lock:
+            self.seen.append((threading.current_thread().name, self.device, autocast, dtype))
+        return super().training_step(batch, batch_idx)
+
+
+def test_bf16_autocast_reaches_every_replica_thread() -> None:
+    module = ProbeNet()
+    run(module, precision="bf16-mixed", max_steps=1, **dp(2))
+    assert len(module.seen) == 2
+    assert {name for name, *_ in module.seen} == {"gpupar-replica-0", "gpupar-replica-1"}
+    assert all(autocast and dtype == torch.bfloat16 for _, _, autocast, dtype in module.seen)
+
+
+def test_validation_runs_without_grad_in_every_replica() -> None:
+    grad_modes: list[bool] = []
+
+    class Net(TinyNet):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            grad_modes.append(torch.is_grad_enabled())
+            super().validation_step(batch, batch_idx)
+
+    run(Net(), n=8, max_steps=1, limit_val_batches=1, **dp(2))
+    assert grad_modes == [False, False]
+
+
+def test_errors_in_a_replica_surface_in_the_trainer() -> None:
+    class Broken(TinyNet):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            if threading.current_thread().name.endswith("1"):
+                raise ZeroDivisionError("replica 1 failed")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(ZeroDivisionError, match="replica 1 failed"):
+        run(Broken(), **dp(2))
+
+
+# -- BatchNorm, state on self, sync_batchnorm --------------------------------------------------------------
+
+
+class BatchNormNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+        self.steps_on_self = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.steps_on_self += 1  # lost with the replica, as documented
+        return super().training_step(batch, batch_idx)
+
+
+def test_batchnorm_keeps_the_first_replicas_running_statistics() -> None:
+    module = BatchNormNet()
+    reference = BatchNormNet()
+    run(module, batch_size=8, max_steps=1, **dp(2))
+    x = make_data(64).tensors[0][:8]
+    reference.model[1](reference.model[0](x[:4]))  # the first replica's shard
+    torch.testing.assert_close(module.model[1].running_mean, reference.model[1].running_mean)
+    torch.testing.assert_close(module.model[1].running_var, reference.model[1].running_var)
+    assert int(module.model[1].num_batches_tracked) == 1
+    assert module.steps_on_self == 0
+
+
+def test_sync_batchnorm_is_refused_when_the_trainer_is_built() -> None:
+    with pytest.raises(ValueError, match=r"sync_batchnorm=True.*strategy='ddp'"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="dp", sync_batchnorm=True)
+
+
+# -- manual optimization --------------------------------------------------------------------------------
+
+
+class ManualNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.forward_sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forward_sizes.append(len(x))
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        self.grads.append({k: p.grad.detach().clone() for k, p in self.named_parameters()})  # type: ignore[union-attr]
+        optimizer.step()  # type: ignore[union-attr]
+        self.losses.append(float(loss))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass
+
+
+def test_manual_optimization_equals_single_device_with_a_data_parallel_forward() -> None:
+    single = run(ManualNet(), batch_size=7, n=35, max_steps=3, devices=1)
+    module = ManualNet()
+    parallel = run(module, batch_size=7, n=35, max_steps=3, **dp(3))
+    torch.testing.assert_close(parallel.losses, single.losses, rtol=1e-10, atol=0)
+    for g_single, g_parallel in zip(single.grads, parallel.grads, strict=True):
+        assert_same(g_parallel, g_single)
+    assert_same(parallel.weights, single.weights)
+    assert sorted(module.forward_sizes) == [2] * 6 + [3] * 3, "forward ran on three replicas per step"
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_a_batch_without_tensors_names_its_structure() -> None:
+    class Net(TinyNet):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            raise AssertionError("never reached")
+
+    loader = DataLoader(["a", "b", "c", "d"], batch_size=2, collate_fn=lambda items: {"names": items})
+    with pytest.raises(BatchSplitError, match=r"no tensor in it: dict\(names=list\[str, str\]\)"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False).fit(Net(), loader)
+
+
+def test_tensors_with_different_batch_dims_name_the_structure() -> None:
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.zeros(7, dtype=torch.long)
+    loader = DataLoader([0], collate_fn=lambda _: {"x": x, "y": y})
+    with pytest.raises(BatchSplitError, match=r"disagree.*\[7, 8\].*dict\(x=Tensor\[8, 6\], y=Tensor\[7\]\)"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False).fit(
+            TinyNet(), loader
+        )
+
+
+def test_output_device_must_be_one_of_the_devices() -> None:
+    strategy = DataParallelStrategy(output_device="cuda:5")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False)
+    with pytest.raises(ValueError, match=r"cuda:5 is not one of the chosen devices \['cpu', 'cpu'\]"):
+        trainer.fit(TinyNet(), DataLoader(make_data(8), batch_size=4))
+
+
+def test_one_device_is_plain_single_device_training() -> None:
+    single = run(batch_size=8, max_steps=2, devices=1)
+    parallel = run(batch_size=8, max_steps=2, **dp(1))
+    torch.testing.assert_close(parallel.losses, single.losses, rtol=0, atol=0)
+    assert_same(parallel.weights, single.weights, rtol=0, atol=0)
+
+
+def test_non_tensor_items_reach_every_replica() -> None:
+    seen: list[str] = []
+
+    class Net(TinyNet):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            seen.append(batch["tag"])
+            return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    data = make_data(8)
+    loader = DataLoader(
+        TensorDataset(*data.tensors),
+        batch_size=8,
+        collate_fn=lambda s: {
+            "x": torch.stack([a for a, _ in s]),
+            "y": torch.stack([b for _, b in s]),
+            "tag": "hello",
+        },
+    )
+    pl.Trainer(
+        accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False, enable_progress_bar=False
+    ).fit(Net(), loader)
+    assert seen == ["hello", "hello"]
