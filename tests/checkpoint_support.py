@@ -1,0 +1,56 @@
+"""Tiny networks, LightningModules and artifacts shared by the checkpoint tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_net() -> nn.Module:
+    """A network with a buffer-holding layer, so running stats and ``_metadata`` versions matter."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+class TinyModule(pl.LightningModule):
+    """Holds its network as ``self.model``; ``wrap="dp"`` holds it inside ``nn.DataParallel`` instead."""
+
+    def __init__(self, wrap: str | None = None, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        net = make_net()
+        self.model: nn.Module = nn.DataParallel(net) if wrap == "dp" else net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)  # type: ignore[no-any-return]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+
+
+def loader() -> DataLoader:
+    """Four batches of eight, always the same, never shuffled."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def quiet_trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "default_root_dir": tmp_path,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }

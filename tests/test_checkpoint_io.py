@@ -1,0 +1,143 @@
+"""Checkpoint files: atomic writes under real interruptions, safe loads, readable errors, cuda:3 on CPU."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.serialization
+
+from lightning_gpupar.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointFileError,
+    UnsafeCheckpointError,
+    atomic_torch_save,
+    load_checkpoint_file,
+)
+
+
+class Bomb:
+    """Pickling this raises, after the tensors before it were already serialised."""
+
+    def __reduce__(self) -> Any:
+        raise RuntimeError("interrupted mid-save")
+
+
+class Custom:
+    """Any class: loading it needs full unpickling."""
+
+
+@pytest.fixture
+def previous(tmp_path: Path) -> Path:
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
+    return path
+
+
+def test_an_exception_mid_save_leaves_the_previous_checkpoint(previous: Path) -> None:
+    with pytest.raises(RuntimeError, match="interrupted mid-save"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": Bomb()}, previous)
+    assert load_checkpoint_file(previous)["epoch"] == 1
+    assert [p.name for p in previous.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_sigkill_while_writing_a_large_checkpoint_leaves_the_previous_one(previous: Path) -> None:
+    code = (
+        "import sys, torch; from lightning_gpupar.checkpoint import AtomicCheckpointIO; "
+        "big = {'state_dict': {'w': torch.ones(2**26)}, 'epoch': 2}; "
+        "AtomicCheckpointIO().save_checkpoint(big, sys.argv[1])"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(previous)])
+    try:
+        partial = _wait_for_partial_temp_file(previous.parent, child)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert partial is not None, "the child finished before it could be killed mid-write"
+    assert child.returncode == -signal.SIGKILL
+    assert load_checkpoint_file(previous)["epoch"] == 1
+
+
+def _wait_for_partial_temp_file(folder: Path, child: subprocess.Popen[bytes]) -> Path | None:
+    deadline = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline:
+        for tmp in folder.glob(".last.ckpt.*.tmp"):
+            if tmp.stat().st_size > 2**20:
+                return tmp
+        time.sleep(0.002)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b"", "empty"),
+        (b"this is a text file, not a checkpoint\n", "text"),
+        (None, "truncated"),
+        (None, "corrupted"),
+    ],
+)
+def test_unreadable_files_give_a_clear_error(previous: Path, content: bytes | None, kind: str) -> None:
+    data = previous.read_bytes()
+    if kind == "truncated":
+        content = data[: len(data) // 2]
+    elif kind == "corrupted":
+        content = data[:100] + bytes(200) + data[300:]
+    bad = previous.with_name(f"{kind}.ckpt")
+    bad.write_bytes(content or b"")
+    with pytest.raises(CheckpointFileError, match="not a readable PyTorch checkpoint") as err:
+        load_checkpoint_file(bad)
+    assert str(bad) in str(err.value)
+    assert bad.read_bytes() == (content or b"")
+
+
+def test_missing_file_and_directory_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint_file(tmp_path / "nope.ckpt")
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        load_checkpoint_file(tmp_path)
+
+
+def test_unpickling_needs_an_explicit_opt_in(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "extra": Custom()}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        AtomicCheckpointIO().load_checkpoint(path)  # Lightning passes weights_only=None
+    message = str(err.value)
+    assert "Custom" in message and "weights_only=False" in message and "--unsafe-unpickle" in message
+    assert isinstance(err.value, pickle.UnpicklingError)
+    loaded = AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
+    assert isinstance(loaded["extra"], Custom)
+
+
+@pytest.fixture
+def save_as_cuda3() -> Iterator[None]:
+    """Make torch.save record CPU storages as living on ``cuda:3``: the bytes a CUDA machine writes.
+
+    The location is a string in the file's pickle; this tagger, tried before torch's own, writes it.
+    """
+    entry = (0, lambda storage: "cuda:3" if storage.device.type == "cpu" else None, lambda s, loc: None)
+    torch.serialization._package_registry.insert(0, entry)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        torch.serialization._package_registry.remove(entry)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading on a machine without CUDA")
+def test_a_checkpoint_saved_on_cuda3_loads_on_cpu(tmp_path: Path, save_as_cuda3: None) -> None:
+    path = tmp_path / "gpu.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4.0)}}, path)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path, weights_only=True)  # proves the file claims a CUDA device
+    for loaded in (load_checkpoint_file(path), AtomicCheckpointIO().load_checkpoint(path)):
+        torch.testing.assert_close(loaded["state_dict"]["w"], torch.arange(4.0))
+        assert loaded["state_dict"]["w"].device.type == "cpu"
