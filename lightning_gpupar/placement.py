@@ -314,7 +314,7 @@ def _manual(
                     )
             owners[path] = str(key)
             entries.append(_entry(root, path, position, "map"))
-    leftovers = _leftovers(root, set(owners))
+    leftovers = uncovered(root, set(owners))
     if leftovers and default is None:
         listing = ", ".join(f"{p or '(root)'}{' (own tensors)' if own else ''}" for p, own in leftovers)
         raise PlacementError(
@@ -325,8 +325,9 @@ def _manual(
     return entries
 
 
-def _leftovers(root: nn.Module, placed: set[str]) -> list[tuple[str, bool]]:
-    """Maximal unplaced subtrees holding tensors, and unplaced ancestors' own tensors: (path, own_only)."""
+def uncovered(root: nn.Module, placed: set[str]) -> list[tuple[str, bool]]:
+    """Tensors outside the ``placed`` subtrees, as (path, own_only): the largest uncovered subtrees, and
+    the own tensors of ancestors of placed paths."""
     found: list[tuple[str, bool]] = []
 
     def visit(path: str, module: nn.Module) -> None:

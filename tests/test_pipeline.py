@@ -1,0 +1,106 @@
+"""The GPipe pipeline: its schedule, equivalence with the unsplit model, checkpointing, stage checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from examples.models import TransformerNet
+from lightning_gpupar.pipeline import PipelineError, gpipe_schedule, install_pipeline
+from lightning_gpupar.placement import plan_placement
+
+CPU2 = [torch.device("cpu"), torch.device("cpu")]
+MAP = {"embed": 0, "blocks.0-1": 0, "blocks.2-3": 1, "head": 1}
+
+
+def net() -> TransformerNet:
+    torch.manual_seed(0)
+    return TransformerNet(16, 16, 2, 4, 3, 12).double()
+
+
+def test_schedule_fills_and_drains() -> None:
+    ticks = gpipe_schedule(4, 2)
+    assert ticks == [[(0, 0)], [(1, 0), (0, 1)], [(2, 0), (1, 1)], [(3, 0), (2, 1)], [(3, 1)]]
+    idle = sum(2 - len(t) for t in ticks) / (2 * len(ticks))
+    assert idle == pytest.approx((2 - 1) / (4 + 2 - 1))  # GPipe's bubble fraction (K-1)/(M+K-1)
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 7])
+def test_pipelined_loss_and_gradients_equal_the_unsplit_model(chunks: int) -> None:
+    tokens, target = torch.randint(0, 16, (10, 12)), torch.randn(10, 3, dtype=torch.float64)
+    reference, split = net(), net()
+    ref_loss = nn.functional.mse_loss(reference(tokens), target)
+    ref_loss.backward()
+    install_pipeline(split, plan_placement(split, CPU2, MAP), list(MAP), chunks)
+    calls: list[int] = []
+    split.head.register_forward_hook(lambda m, a, o: calls.append(len(o)))
+    loss = nn.functional.mse_loss(split(tokens), target)
+    loss.backward()
+    assert calls == [10 // chunks + (i < 10 % chunks) for i in range(chunks)]  # uneven micro-batches
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(reference.named_parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_batch_smaller_than_chunks_uses_one_micro_batch_per_sample() -> None:
+    model = net()
+    install_pipeline(model, plan_placement(model, CPU2, MAP), list(MAP), chunks=8)
+    calls: list[int] = []
+    model.embed.register_forward_hook(lambda m, a, o: calls.append(len(o)))
+    assert model(torch.randint(0, 16, (3, 12))).shape == (3, 3)
+    assert calls == [1, 1, 1]
+
+
+def test_checkpointed_stages_recompute_in_backward_with_the_same_gradients() -> None:
+    tokens = torch.randint(0, 16, (6, 12))
+    plain, recomputed = net(), net()
+    for model, checkpoint in ((plain, None), (recomputed, ["blocks.2-3"])):
+        install_pipeline(model, plan_placement(model, CPU2, MAP), list(MAP), 2, checkpoint)
+    calls: list[str] = []
+    recomputed.blocks[2].linear1.register_forward_hook(lambda m, a, o: calls.append("b2"))
+    recomputed.blocks[0].linear1.register_forward_hook(lambda m, a, o: calls.append("b0"))
+    plain(tokens).sum().backward()
+    recomputed(tokens).sum().backward()
+    assert calls.count("b0") == 2 and calls.count("b2") == 4  # forward, then again in backward
+    for p, q in zip(plain.parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_removing_the_pipeline_restores_the_forward() -> None:
+    model = net()
+    handle = install_pipeline(model, plan_placement(model, CPU2, MAP), list(MAP), 4)
+    assert "forward" in model.__dict__
+    handle.remove()
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        (["embed", "blocks.0-3"], r"but head holds parameters and is in no stage.*in the order its forward"),
+        (["blocks.0", "blocks.1"], r"share the parent blocks \(ModuleList\), which is never called"),
+        (["embed", "blocks", "head", "head"], r"appear more than once"),
+    ],
+)
+def test_a_model_that_is_not_a_stage_sequence_is_refused(stages: list[str], message: str) -> None:
+    model = net()
+    plan = plan_placement(model, CPU2, MAP)
+    with pytest.raises(PipelineError, match=message):
+        install_pipeline(model, plan, stages, 2)
+
+
+def test_sequential_stages_must_follow_its_order_and_stages_live_on_one_device() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    plan = plan_placement(model, CPU2, {"0": 0, "1": 1})
+    with pytest.raises(PipelineError, match=r"nn\.Sequential: its stages are \['0', '1'\]"):
+        install_pipeline(model, plan, ["1", "0"], 2)
+    spread = plan_placement(model, CPU2, {"0": 0, "1.0": 0, "1.1": 1})
+    with pytest.raises(PipelineError, match=r"Stage '1' is spread over positions \[0, 1\]"):
+        install_pipeline(model, spread, ["0", "1"], 2)
+
+
+def test_batchnorm_in_a_pipeline_warns() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        install_pipeline(model, plan_placement(model, CPU2, {"0": 0, "1": 1}), ["0", "1"], 2)
