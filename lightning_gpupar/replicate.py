@@ -39,7 +39,8 @@ def copy_tensors(
     """
     if not tensors:
         return [[] for _ in devices]
-    if all(d.type == "cuda" for d in devices) and all(t.is_cuda for t in tensors):
+    distinct_gpus = all(d.type == "cuda" for d in devices) and len(set(devices)) == len(devices)
+    if distinct_gpus and all(t.is_cuda for t in tensors):
         requires_grad = any(t.requires_grad for t in tensors)
         if requires_grad and torch.is_grad_enabled():
             flat = Broadcast.apply([d.index for d in devices], *tensors)

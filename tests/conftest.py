@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lightning.fabric.accelerators.cuda
+import lightning.pytorch.accelerators.cuda
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -22,7 +24,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 @pytest.fixture
 def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[GPUInfo]]:
-    """Make this process see GPUs with the given free memory (GiB), e.g. ``fake_gpus(10, 40, 2, 40)``."""
+    """Make this process see GPUs with the given free memory (GiB), e.g. ``fake_gpus(10, 40, 2, 40)``.
+
+    Lightning's CUDA checks see them too, so Trainers can be constructed (not run) on them.
+    """
 
     def install(*free_gib: float, total_gib: float = 80) -> list[GPUInfo]:
         gpus = [
@@ -30,6 +35,10 @@ def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[GPUInfo]]:
         ]
         monkeypatch.setattr(devices, "cuda_device_count", lambda: len(gpus))
         monkeypatch.setattr(devices, "query_gpus", lambda: list(gpus))
+        if gpus:  # Lightning's own checks, so a Trainer can be built (not run) on the fake GPUs
+            monkeypatch.setattr(lightning.fabric.accelerators.cuda, "num_cuda_devices", lambda: len(gpus))
+            monkeypatch.setattr(lightning.pytorch.accelerators.cuda, "num_cuda_devices", lambda: len(gpus))
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         return gpus
 
     return install

@@ -6,6 +6,7 @@ needs to compare: the loss and gradients of every step, the final weights, and l
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,23 @@ class TinyNet(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ProbeNet(TinyNet):
+    """Records, from inside each replica, its thread, device and thread-local autocast state."""
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.seen: list[tuple[str, torch.device, bool, torch.dtype | None]] = []
+        self.lock = threading.Lock()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        autocast = torch.is_autocast_enabled(self.device_type)
+        dtype = torch.get_autocast_dtype(self.device_type) if autocast else None
+        with self.lock:
+            self.seen.append((threading.current_thread().name, self.device, autocast, dtype))
+        return super().training_step(batch, batch_idx)
 
 
 @dataclass

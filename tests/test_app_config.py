@@ -50,7 +50,7 @@ def test_overrides_reach_their_nodes(compose_app: Compose) -> None:
     [
         ("model.lrr=0.1", "Key 'lrr' not in 'MLPConfig'"),
         ("trainer.max_epoch=3", "Key 'max_epoch' not in 'TrainerConfig'"),
-        ("strategy.device_idz=1", "Key 'device_idz' not in 'SingleStrategyConfig'"),
+        ("strategy.device_idz=1", "Key 'device_idz' not in 'DPStrategyConfig'"),
         ("model.lr=fast", "Value 'fast' of type 'str' could not be converted to Float"),
         ("trainer.max_epochs=1.5", "could not be converted to Integer"),
         ("data.batch_size=many", "Value 'many' of type 'str' could not be converted to Integer"),
@@ -73,14 +73,15 @@ def test_unknown_strategy_lists_the_available_ones(compose_app: Compose) -> None
 
 
 def test_build_trainer_single_cpu(compose_app: Compose) -> None:
-    trainer = build_trainer(compose_app("trainer.accelerator=cpu"), logger=False, enable_progress_bar=False)
+    cfg = compose_app("strategy=single", "trainer.accelerator=cpu")
+    trainer = build_trainer(cfg, logger=False, enable_progress_bar=False)
     assert trainer.strategy.root_device.type == "cpu"
     assert trainer.num_devices == 1
 
 
 def test_single_refuses_several_devices(compose_app: Compose) -> None:
     with pytest.raises(ValueError, match=r"strategy=single runs on one device.*strategy=dp"):
-        build_trainer(compose_app("trainer.accelerator=cpu", "strategy.device_ids=2"))
+        build_trainer(compose_app("strategy=single", "trainer.accelerator=cpu", "strategy.device_ids=2"))
 
 
 def test_device_errors_surface_before_the_trainer(

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_gpupar import DataParallelStrategy
 from lightning_gpupar.batch import BatchSplitError
-from tests.equivalence import TinyNet, assert_same, make_data, run
+from tests.equivalence import ProbeNet, TinyNet, assert_same, make_data, run
 
 
 def dp(devices: int, **kwargs: Any) -> dict[str, Any]:
@@ -149,22 +149,6 @@ def test_a_metric_that_cannot_be_merged_gets_a_clear_error() -> None:
 
 
 # -- what a replica sees ----------------------------------------------------------------------------------
-
-
-class ProbeNet(TinyNet):
-    """Records, from inside each replica, its device and thread-local torch state."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, torch.device, bool, torch.dtype | None]] = []
-        self.lock = threading.Lock()
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        autocast = torch.is_autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu") if autocast else None
-        with self.lock:
-            self.seen.append((threading.current_thread().name, self.device, autocast, dtype))
-        return super().training_step(batch, batch_idx)
 
 
 def test_bf16_autocast_reaches_every_replica_thread() -> None:
