@@ -1,0 +1,212 @@
+"""ModelSplitStrategy in a Trainer: equivalence with one device, early errors, checkpoints, Hydra."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.models import TransformerNet
+from lightning_gpupar import ModelSplitStrategy
+from lightning_gpupar.config import build_trainer
+from lightning_gpupar.pipeline import PipelineError
+from lightning_gpupar.placement import PlacementError
+from tests.conftest import requires_cuda
+
+MAP = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
+
+
+class TokenNet(pl.LightningModule):
+    """A float64 Transformer that records each step's loss and gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = TransformerNet(16, 16, 2, 4, 3, 12).double()
+        self.losses: list[float] = []
+        self.grads: list[dict[str, Tensor]] = []
+        self.devices_seen: list[torch.device] = []
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        self.devices_seen.append(self.device)
+        return F.cross_entropy(self(tokens), labels)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def loader(n: int = 25, batch_size: int = 10) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 16, (n, 12), generator=g), torch.randint(0, 3, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size)
+
+
+def fit(
+    module: TokenNet, strategy: Any = "auto", devices: int = 1, ckpt_path: str | None = None, **kwargs: Any
+) -> pl.Trainer:
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.05,
+    )
+    trainer = pl.Trainer(devices=devices, strategy=strategy, **{**options, **kwargs})
+    trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def assert_same_training(a: TokenNet, b: TokenNet) -> None:
+    assert len(a.losses) == len(b.losses) == 3
+    torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-10, atol=1e-12)
+    for ga, gb in zip(a.grads, b.grads, strict=True):
+        for key in ga:
+            torch.testing.assert_close(ga[key], gb[key], rtol=1e-10, atol=1e-12, msg=key)
+    for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa.cpu(), pb.cpu(), rtol=1e-10, atol=1e-12, msg=key)  # clipped + stepped
+
+
+@pytest.fixture(scope="module")
+def single() -> TokenNet:
+    module = TokenNet()
+    fit(module)
+    return module
+
+
+@pytest.mark.parametrize(("placement", "chunks"), [(MAP, 1), (MAP, 4), ("auto", 3)])
+def test_split_training_equals_single_device(single: TokenNet, placement: Any, chunks: int) -> None:
+    # batches of 10, 10, 5: with chunks=4 micro-batches of 3,3,2,2 and then 2,1,1,1
+    split = TokenNet()
+    head_calls: list[int] = []
+    split.model.head.register_forward_hook(lambda m, a, o: head_calls.append(len(o)))
+    trainer = fit(split, ModelSplitStrategy(placement, chunks=chunks), devices=2)
+    assert len(head_calls) == 3 * chunks  # every batch ran as `chunks` micro-batches
+    assert_same_training(single, split)
+    assert split.devices_seen == [trainer.strategy.root_device] * 3
+
+
+def test_registered_name_plans_and_documents_the_root_device() -> None:
+    module = TokenNet()
+    trainer = fit(module, "model_split", devices=2, max_steps=1)
+    strategy = trainer.strategy
+    assert isinstance(strategy, ModelSplitStrategy)
+    plan = strategy.plan_for(module)
+    assert {e.position for e in plan.entries} == {0, 1}
+    assert strategy.root_device == plan.output_device == torch.device("cpu")
+    assert "forward" not in module.model.__dict__  # teardown gave the model back unhooked
+    assert not module.model.embed._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("strategy", "error", "message"),
+    [
+        (lambda: ModelSplitStrategy({"model.embd": 0}), PlacementError, r"Did you mean 'model\.embed'"),
+        (lambda: ModelSplitStrategy({"model": 3}), PlacementError, r"position 3 is out of range"),
+        (lambda: ModelSplitStrategy(MAP, chunks=16), PlacementError, r"chunks=16 .* hold 10 samples"),
+        (
+            lambda: ModelSplitStrategy({"model.embed": 0, "model.head": 1}, chunks=2, default_device=0),
+            PipelineError,
+            r"model\.blocks holds parameters and is in no stage",
+        ),
+    ],
+)
+def test_bad_input_fails_before_the_first_step(
+    strategy: Callable[[], ModelSplitStrategy], error: type[Exception], message: str
+) -> None:
+    module = TokenNet()
+    with pytest.raises(error, match=message):
+        fit(module, strategy(), devices=2)
+    assert module.losses == []
+
+
+@pytest.mark.parametrize("chunks", [0, -1, 1.5])
+def test_chunks_must_be_a_positive_int(chunks: Any) -> None:
+    with pytest.raises(PlacementError, match="must be an int >= 1"):
+        ModelSplitStrategy(MAP, chunks=chunks)
+
+
+def test_split_checkpoint_loads_unsplit_and_under_another_placement(tmp_path: Path) -> None:
+    module = TokenNet()
+    trainer = fit(module, ModelSplitStrategy(MAP, chunks=2), devices=2, max_steps=2)
+    path = tmp_path / "split.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    plain = TokenNet()
+    plain.load_state_dict(saved["state_dict"])  # strict: canonical keys, no wrapper prefixes
+    assert saved["state_dict"].keys() == plain.state_dict().keys()
+
+    resumed = TokenNet()
+    other = ModelSplitStrategy({"model.embed": 0, "model.blocks": 1, "model.head": 1})
+    trainer = fit(resumed, other, devices=2, max_steps=3, ckpt_path=str(path))
+    assert trainer.global_step == 3 and len(resumed.losses) == 1
+    state = trainer.optimizers[0].state
+    assert all(s["exp_avg"].device == p.device for p, s in state.items())
+
+
+def test_hydra_split_config_with_dotted_placement_keys(compose_app: Callable[..., DictConfig]) -> None:
+    cfg = compose_app(
+        "strategy=split",
+        "strategy.device_ids=[0,1]",
+        "strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}",
+        "strategy.chunks=4",
+        "model=transformer",
+        "trainer.accelerator=cpu",
+    )
+    trainer = build_trainer(cfg, logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, ModelSplitStrategy)
+    assert strategy.placement == MAP and list(strategy.placement) == list(MAP)  # order = stage order
+    assert strategy.chunks == 4 and len(strategy.devices) == 2
+    auto = build_trainer(compose_app("strategy=split", "strategy.placement=auto", "trainer.accelerator=cpu"))
+    assert isinstance(auto.strategy, ModelSplitStrategy) and auto.strategy.placement == "auto"
+
+
+@pytest.mark.slow
+def test_the_transformer_example_trains_split_and_pipelined(
+    compose_app: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    from examples.train import train
+
+    cfg = compose_app(
+        "strategy=split",
+        "strategy.device_ids=[0,1]",
+        "strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}",
+        "strategy.chunks=4",
+        "model=transformer",
+        "model.d_model=32",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "data.num_samples=192",
+    )
+    metrics = train(cfg, tmp_path)
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["test_loss"] > 0
+
+
+@requires_cuda
+def test_two_stages_on_one_gpu_equal_single_device(single: TokenNet) -> None:
+    cuda = torch.device("cuda", 0)
+    split = TokenNet()
+    strategy = ModelSplitStrategy(MAP, chunks=4, parallel_devices=[cuda, cuda])
+    fit(split, strategy, accelerator="gpu", devices=1)
+    assert_same_training(single, split)
