@@ -12,19 +12,20 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def make_net() -> nn.Module:
-    """A network with a buffer-holding layer, so running stats and ``_metadata`` versions matter."""
+def make_net(batchnorm: bool = True) -> nn.Module:
+    """A network with a buffer-holding layer (unless ``batchnorm=False``: per-replica statistics differ)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).double()
+    norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+    return nn.Sequential(nn.Linear(4, 8), norm, nn.Tanh(), nn.Linear(8, 2)).double()
 
 
 class TinyModule(pl.LightningModule):
     """Holds its network as ``self.model``; ``wrap="dp"`` holds it inside ``nn.DataParallel`` instead."""
 
-    def __init__(self, wrap: str | None = None, lr: float = 0.05) -> None:
+    def __init__(self, wrap: str | None = None, lr: float = 0.05, batchnorm: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
-        net = make_net()
+        net = make_net(batchnorm)
         self.model: nn.Module = nn.DataParallel(net) if wrap == "dp" else net
 
     def forward(self, x: Tensor) -> Tensor:
@@ -32,7 +33,9 @@ class TinyModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        return F.mse_loss(self(x), y)
+        loss = F.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])

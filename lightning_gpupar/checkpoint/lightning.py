@@ -55,6 +55,12 @@ class CanonicalCheckpointMixin(_Base):
         self._checkpoint_io = io
 
     @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        _state_dict_of(checkpoint, checkpoint_path)  # fail here, in words, not in Lightning's migration
+        return checkpoint
+
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         return normalize_state_dict(super().lightning_module_state_dict())
 

@@ -1,0 +1,109 @@
+"""The NormalizeCheckpointKeys callback and CanonicalCheckpointMixin inside real Lightning runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from lightning_gpupar import NormalizeCheckpointKeys
+from lightning_gpupar.checkpoint import (
+    AtomicCheckpointIO,
+    CanonicalCheckpointMixin,
+    CheckpointError,
+    StateDictMismatchError,
+    load_checkpoint_file,
+)
+from tests.checkpoint_support import TinyModule, loader, make_net, quiet_trainer_kwargs
+
+
+class CanonicalSingle(CanonicalCheckpointMixin, SingleDeviceStrategy):
+    pass
+
+
+class CanonicalDDP(CanonicalCheckpointMixin, DDPStrategy):
+    pass
+
+
+def fit(tmp_path: Path, module: pl.LightningModule, **kwargs: object) -> pl.Trainer:
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs(tmp_path), "max_epochs": 1, **kwargs})  # type: ignore[arg-type]
+    trainer.fit(module, loader())
+    return trainer
+
+
+def test_callback_writes_canonical_keys_even_for_weights_only_saves(tmp_path: Path) -> None:
+    every = ModelCheckpoint(tmp_path / "full", save_last=True, monitor="train_loss")
+    weights = ModelCheckpoint(tmp_path / "weights", save_weights_only=True, save_last=True)
+    fit(
+        tmp_path,
+        TinyModule(wrap="dp"),
+        enable_checkpointing=True,
+        callbacks=[NormalizeCheckpointKeys(), every, weights],
+    )
+    for path in (tmp_path / "full/last.ckpt", tmp_path / "weights/last.ckpt"):
+        keys = list(load_checkpoint_file(path)["state_dict"])
+        assert keys == [f"model.{k}" for k in make_net().state_dict()], path
+
+
+def test_callback_resumes_a_wrapped_checkpoint_into_a_plain_module(tmp_path: Path) -> None:
+    first = fit(tmp_path, TinyModule(wrap="dp"))  # Lightning's own save: keys keep "model.module."
+    first.save_checkpoint(tmp_path / "wrapped.ckpt")
+    assert "model.module.0.weight" in load_checkpoint_file(tmp_path / "wrapped.ckpt")["state_dict"]
+
+    plain = TinyModule()
+    trainer = pl.Trainer(
+        **quiet_trainer_kwargs(tmp_path), max_epochs=2, callbacks=[NormalizeCheckpointKeys()]
+    )
+    trainer.fit(plain, loader(), ckpt_path=tmp_path / "wrapped.ckpt")
+    assert trainer.global_step == 8  # 4 restored + 4 trained
+
+    without = pl.Trainer(**quiet_trainer_kwargs(tmp_path), max_epochs=2)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # what the callback saves users from
+        without.fit(TinyModule(), loader(), ckpt_path=tmp_path / "wrapped.ckpt")
+
+
+def test_callback_reports_a_real_mismatch_readably(tmp_path: Path) -> None:
+    fit(tmp_path, TinyModule()).save_checkpoint(tmp_path / "a.ckpt")
+    other = TinyModule()
+    other.model[3] = torch.nn.Linear(8, 3).double()
+    trainer = pl.Trainer(
+        **quiet_trainer_kwargs(tmp_path), max_epochs=2, callbacks=[NormalizeCheckpointKeys()]
+    )
+    with pytest.raises(StateDictMismatchError, match=r"model.3.weight: \(3, 8\) vs \(2, 8\)"):
+        trainer.fit(other, loader(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_mixin_saves_canonical_and_loads_any_wrapped_form(tmp_path: Path) -> None:
+    strategy = CanonicalSingle(device=torch.device("cpu"))
+    trainer = fit(tmp_path, TinyModule(wrap="dp"), strategy=strategy)
+    assert isinstance(strategy.checkpoint_io, AtomicCheckpointIO)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    assert "model.0.weight" in load_checkpoint_file(tmp_path / "c.ckpt")["state_dict"]
+
+    for module in (TinyModule(), TinyModule(wrap="dp")):
+        again = pl.Trainer(
+            **quiet_trainer_kwargs(tmp_path), max_epochs=2, strategy=CanonicalSingle(torch.device("cpu"))
+        )
+        again.fit(module, loader(), ckpt_path=tmp_path / "c.ckpt")
+        assert again.global_step == 8
+
+
+def test_mixin_composes_with_lightnings_ddp_and_keeps_a_users_io() -> None:
+    assert isinstance(CanonicalDDP().checkpoint_io, AtomicCheckpointIO)
+    mine = TorchCheckpointIO()
+    assert CanonicalDDP(checkpoint_io=mine).checkpoint_io is mine
+    trainer = pl.Trainer(accelerator="cpu", strategy=CanonicalSingle(torch.device("cpu")), plugins=[mine])
+    assert trainer.strategy.checkpoint_io is mine  # a plugin is no conflict: our default is lazy
+
+
+def test_a_file_without_state_dict_is_a_clear_error(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")
+    strategy = CanonicalSingle(torch.device("cpu"))
+    trainer = pl.Trainer(**quiet_trainer_kwargs(tmp_path), max_epochs=1, strategy=strategy)
+    with pytest.raises(CheckpointError, match="no 'state_dict' entry"):
+        trainer.fit(TinyModule(), loader(), ckpt_path=tmp_path / "plain.pt")
