@@ -44,6 +44,12 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         logger=CSVLogger(str(output_dir), name="logs"),
         callbacks=[checkpoint],
     )
+    if trainer.is_global_zero:
+        devices = ", ".join(
+            str(d)
+            for d in getattr(trainer.strategy, "parallel_devices", None) or [trainer.strategy.root_device]
+        )
+        print(f"strategy: {type(trainer.strategy).__name__} on {devices}")
     trainer.fit(model, datamodule=data)
     metrics: dict[str, float] = {}
     if cfg.test:
