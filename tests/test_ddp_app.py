@@ -1,0 +1,118 @@
+"""`examples/train.py strategy=ddp` as users start it: a Hydra run, a Hydra sweep, two torchrun "nodes"."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ddp_programs import ROOT, run_bounded
+
+APP = str(ROOT / "examples" / "train.py")
+CPU_DDP = (
+    "strategy=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.ckpt"))
+
+
+def assert_one_ddp_job(job_dir: Path, world_size: int = 2) -> None:
+    """One .hydra/, a log per rank naming its rank, checkpoints only from rank 0 in the job's dir."""
+    assert sorted(p.relative_to(job_dir) for p in job_dir.rglob(".hydra")) == [Path(".hydra")]
+    for rank in range(world_size):
+        log = job_dir / ("train.log" if rank == 0 else f"train_rank{rank}.log")
+        assert f"DDP rank {rank} of {world_size} on cpu" in log.read_text()
+    ckpts = checkpoints(job_dir)
+    assert {p.parent for p in ckpts} == {job_dir / "checkpoints"}
+    assert len([p for p in ckpts if p.name != "last.ckpt"]) == 1
+
+
+@pytest.mark.slow
+def test_hydra_run_shares_one_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    finished = run_bounded(
+        [sys.executable, APP, *CPU_DDP, "strategy.device_ids=2", f"hydra.run.dir={run_dir}"],
+        timeout=150,
+        cwd=tmp_path,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "test_acc:" in finished.stdout
+    assert_one_ddp_job(run_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the child made no directory of its own
+
+
+@pytest.mark.slow
+def test_hydra_sweep_runs_each_job_once_in_its_own_directory(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    finished = run_bounded(
+        [
+            sys.executable,
+            APP,
+            "-m",
+            *CPU_DDP,
+            "strategy.device_ids=2",
+            "model.lr=0.1,0.01",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("Launching 2 jobs") == 1
+    assert finished.stdout.count("test_acc:") == 2
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job in ("0", "1"):
+        assert_one_ddp_job(sweep_dir / job)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep from a child
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_together_and_save_one_checkpoint(tmp_path: Path) -> None:
+    port = free_port()
+    node_dirs = [tmp_path / f"node{n}" for n in (0, 1)]
+    procs = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={n}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            APP,
+            *CPU_DDP,
+            "strategy.device_ids=1",
+            "trainer.num_nodes=2",
+            f"hydra.run.dir={node_dirs[n]}",
+        ]
+        for n in (0, 1)
+    ]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda cmd: run_bounded(cmd, timeout=180, cwd=tmp_path), procs))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "DDP rank 0 of 2 on cpu (node 0" in (node_dirs[0] / "train.log").read_text()
+    assert "DDP rank 1 of 2 on cpu (node 1" in (node_dirs[1] / "train.log").read_text()
+    assert len([p for p in checkpoints(node_dirs[0]) if p.name != "last.ckpt"]) == 1
+    assert checkpoints(node_dirs[1]) == []
