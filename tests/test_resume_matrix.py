@@ -20,12 +20,14 @@ import lightning_gpupar  # registers our strategy names
 from lightning_gpupar import NormalizeCheckpointKeys
 from lightning_gpupar.checkpoint import load_checkpoint_file, normalize_state_dict
 from tests.checkpoint_support import TinyModule, loader, quiet_trainer_kwargs
+from tests.ddp_programs.in_process import in_process_ddp
 
 STRATEGIES: dict[str, Callable[[], dict[str, Any]]] = {
     "single": lambda: {"accelerator": "cpu", "devices": 1, "callbacks": [NormalizeCheckpointKeys()]},
 }
 if "dp" in StrategyRegistry:
     STRATEGIES["dp"] = lambda: {"strategy": "dp", "accelerator": "cpu", "devices": 2}
+STRATEGIES["ddp"] = in_process_ddp  # DDPStrategy, one rank in this process (tests/ddp_programs/in_process.py)
 
 HALF = 2  # epochs before the checkpoint, and after it
 PAIRS = list(itertools.product(STRATEGIES, repeat=2))
@@ -56,7 +58,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
 
 
 def test_matrix_has_the_expected_strategies() -> None:
-    expected = {"single"} | ({"dp"} if "dp" in StrategyRegistry else set())
+    expected = {"single", "ddp"} | ({"dp"} if "dp" in StrategyRegistry else set())
     assert set(STRATEGIES) == expected
     assert lightning_gpupar.NormalizeCheckpointKeys is NormalizeCheckpointKeys
 

@@ -12,6 +12,8 @@ subclass changes is around it:
   job only, in that job's directory, so sweeps (``-m``) work.
 - Layout mistakes (more processes than devices, a busy ``MASTER_PORT``, a GPU id this node lacks)
   fail before the process group is created, in words.
+- Checkpoints hold canonical keys and are written atomically
+  (:class:`~lightning_gpupar.checkpoint.CanonicalCheckpointMixin`).
 
 Where a process's model goes and which devices DDP is told about are Lightning's two seams,
 ``model_to_device`` and ``determine_ddp_device_ids``; a multi-device-per-process variant overrides those.
@@ -26,6 +28,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 
+from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.launchers import DDPLaunchError, HydraAwareScriptLauncher
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 DEFAULT_TIMEOUT_S = 1800.0
 
 
-class DDPStrategy(LightningDDPStrategy):
+class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
     """One process per device, Lightning's DDP underneath; construct it from a config or by hand.
 
     Args:
