@@ -1,11 +1,11 @@
 """Multi-GPU strategies for PyTorch Lightning 2.x, chosen from Hydra configs.
 
-Importing the package registers our strategy names ("dp", ...) in Lightning's StrategyRegistry.
+Importing the package registers our strategy names ("dp", "model_split", ...) in Lightning's StrategyRegistry.
 """
 
 from lightning_gpupar.checkpoint import NormalizeCheckpointKeys
 from lightning_gpupar.devices import DeviceSelection, DeviceSelectionError, resolve_devices
-from lightning_gpupar.strategies import DataParallelStrategy, register_strategies
+from lightning_gpupar.strategies import DataParallelStrategy, ModelSplitStrategy, register_strategies
 from lightning_gpupar.strategies.ddp import DDPStrategy
 
 register_strategies()
@@ -15,6 +15,7 @@ __all__ = [
     "DataParallelStrategy",
     "DeviceSelection",
     "DeviceSelectionError",
+    "ModelSplitStrategy",
     "NormalizeCheckpointKeys",
     "resolve_devices",
 ]

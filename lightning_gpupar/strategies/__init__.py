@@ -3,14 +3,19 @@
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
 from lightning_gpupar.strategies.dp import DataParallelStrategy
+from lightning_gpupar.strategies.split import ModelSplitStrategy
 
-__all__ = ["DataParallelStrategy", "register_strategies"]
+__all__ = ["DataParallelStrategy", "ModelSplitStrategy", "register_strategies"]
 
 #: Name -> (class, description): what ``Trainer(strategy=name)`` selects once lightning_gpupar is imported.
 STRATEGIES: dict[str, tuple[type[Strategy], str]] = {
     "dp": (
         DataParallelStrategy,
         "One process, the batch split over the chosen devices, a replica per device.",
+    ),
+    "model_split": (
+        ModelSplitStrategy,
+        "One process, the model's submodules placed on the chosen devices, optionally pipelined.",
     ),
 }
 
