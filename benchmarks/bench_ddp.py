@@ -95,6 +95,7 @@ def torch_worker(rank: int, args: argparse.Namespace, port: int) -> None:
             times.append(time.perf_counter() - start)
     if rank == 0:
         print(RESULT + json.dumps(times), flush=True)
+    dist.barrier()  # leave together: a rank tearing down while its peer still talks can hang gloo
     dist.destroy_process_group()
 
 
@@ -103,7 +104,7 @@ def run_worker(name: str, args: argparse.Namespace) -> list[float]:
     cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
     cmd += ["--batch", str(args.batch), "--devices", str(args.devices)]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE")}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{name} failed ({out.returncode}):\n{out.stderr[-3000:]}")
