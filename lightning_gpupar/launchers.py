@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
                 "(strategy.device_ids)."
             )
         world_size = env.world_size()
-        if name != "LightningEnvironment" and world_size != expected:
+        if not isinstance(env, LightningEnvironment) and world_size != expected:  # its size is ours
             raise DDPLaunchError(
                 f"{name} reports {world_size} processes in total, but the strategy expects "
                 f"{self.num_processes} device(s) per node x {self.num_nodes} node(s) = {expected}. "
@@ -132,8 +133,6 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
         for local_rank in range(1, self.num_processes):
             global_rank = env.node_rank() * self.num_processes + local_rank
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
-            if "PL_GLOBAL_SEED" not in os.environ:
-                child_env.pop("PL_GLOBAL_SEED", None)
             rank_command = [*command, *_hydra_rank_overrides(global_rank)]
             self.procs.append(subprocess.Popen(rank_command, env=child_env, cwd=cwd))
         record.procs = self.procs

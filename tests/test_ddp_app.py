@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.ddp_programs import ROOT, run_bounded
 
@@ -42,7 +43,9 @@ def assert_one_ddp_job(job_dir: Path, world_size: int = 2) -> None:
         assert f"DDP rank {rank} of {world_size} on cpu" in log.read_text()
     ckpts = checkpoints(job_dir)
     assert {p.parent for p in ckpts} == {job_dir / "checkpoints"}
-    assert len([p for p in ckpts if p.name != "last.ckpt"]) == 1
+    (best,) = [p for p in ckpts if p.name != "last.ckpt"]
+    keys = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert keys and all(k.startswith("model.") and ".module." not in k for k in keys)
 
 
 @pytest.mark.slow
