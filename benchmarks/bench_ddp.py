@@ -79,7 +79,9 @@ def torch_worker(rank: int, args: argparse.Namespace, port: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))  # as Lightning does per process
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.devices)
     data = make_data(args.batch, args.steps, args.devices)
-    sampler = DistributedSampler(data, num_replicas=args.devices, rank=rank, shuffle=True, seed=0)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        data, num_replicas=args.devices, rank=rank, shuffle=True, seed=0
+    )
     loader = DataLoader(data, batch_size=args.batch, sampler=sampler)
     model = DistributedDataParallel(make_net())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

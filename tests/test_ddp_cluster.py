@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from lightning_gpupar import DDPStrategy
 from lightning_gpupar.launchers import DDPLaunchError, HydraAwareScriptLauncher
 from tests.ddp_programs import preserved_environ, python, run_bounded
 from tests.ddp_programs.tiny_fit import Tiny, make_data, make_trainer
@@ -37,13 +38,10 @@ def test_slurm_variables_give_the_ranks_and_nothing_is_spawned() -> None:
         os.environ.update(slurm_env(3, ntasks=4, per_node=2))
         trainer = make_trainer(devices=2, num_nodes=2)
         strategy = trainer.strategy
+        assert isinstance(strategy, DDPStrategy)
         assert isinstance(strategy.cluster_environment, SLURMEnvironment)
-        assert (trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size) == (
-            3,
-            1,
-            1,
-            4,
-        )
+        ranks = (trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size)
+        assert ranks == (3, 1, 1, 4)
         assert strategy.root_device == torch.device("cpu")
         assert isinstance(strategy.launcher, HydraAwareScriptLauncher)
         assert strategy.cluster_environment.creates_processes_externally

@@ -14,12 +14,14 @@ from tests.ddp_programs.equivalence import make_optimizer, problem
 
 STEPS = 5
 PER_RANK_BATCH = 4
-TOL = {"rtol": 1e-10, "atol": 1e-12}
+RTOL, ATOL = 1e-10, 1e-12
 
 
 def global_batches(data: Dataset) -> list[list[int]]:
     """The sample ids of each global batch: Lightning gives each rank a shuffled DistributedSampler."""
-    orders = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
+    orders: list[list[int]] = [
+        list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)
+    ]
     b = PER_RANK_BATCH
     return [orders[0][k * b : (k + 1) * b] + orders[1][k * b : (k + 1) * b] for k in range(STEPS)]
 
@@ -54,11 +56,11 @@ def test_two_processes_match_one_device(tmp_path: Path) -> None:
 
     # each rank saw half of the global batch: the mean of their losses is the global loss
     assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])
-    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, ref_loss, **TOL)
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, ref_loss, rtol=RTOL, atol=ATOL)
     for rank in ranks:
         assert rank["grads"].keys() == ref_grads.keys()
         for name, grad in ref_grads.items():
-            torch.testing.assert_close(rank["grads"][name], grad, **TOL)
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=RTOL, atol=ATOL)
         for name, weight in ref_weights.items():
             assert rank["weights"][name].dtype == torch.float64
-            torch.testing.assert_close(rank["weights"][name], weight, **TOL)
+            torch.testing.assert_close(rank["weights"][name], weight, rtol=RTOL, atol=ATOL)

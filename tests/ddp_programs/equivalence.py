@@ -55,7 +55,8 @@ class Recorder(pl.LightningModule):
 
     def on_after_backward(self) -> None:
         if not self.first_grads:
-            self.first_grads = {n: p.grad.detach().clone() for n, p in self.net.named_parameters()}
+            grads = {n: p.grad for n, p in self.net.named_parameters()}
+            self.first_grads = {n: g.detach().clone() for n, g in grads.items() if g is not None}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.parameters())
