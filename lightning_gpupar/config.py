@@ -46,6 +46,54 @@ class SingleStrategyConfig(StrategyConfig):
 
 
 @dataclass
+class DDPStrategyConfig(StrategyConfig):
+    """One process per device, Lightning's DDP: see :class:`lightning_gpupar.strategies.ddp.DDPStrategy`.
+
+    ``timeout`` is in seconds. On a machine without GPUs, ``"auto"`` means ``cpu_fallback`` processes.
+    """
+
+    _target_: Any = "lightning_gpupar.strategies.ddp.DDPStrategy"
+    cpu_fallback: int = 2
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+    gradient_as_bucket_view: bool = False
+    process_group_backend: str | None = None
+    timeout: float = 1800.0
+
+
+@dataclass
+class SplitStrategyConfig(StrategyConfig):
+    """One model split over devices: see :class:`lightning_gpupar.strategies.split.ModelSplitStrategy`.
+
+    ``placement`` stays untyped and null by default (null means ``auto``) so that Hydra parses dotted dict
+    keys: ``strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}``.
+    """
+
+    _target_: Any = "lightning_gpupar.strategies.split.ModelSplitStrategy"
+    cpu_fallback: int = 2
+    placement: Any = None
+    chunks: int = 1
+    stages: Any = None
+    default_device: Any = None
+    output_device: Any = None
+    max_memory: Any = None
+    no_split: Any = None
+    checkpoint: Any = None
+
+
+@dataclass
+class DPStrategyConfig(StrategyConfig):
+    """One process, a replica per device: see :class:`lightning_gpupar.strategies.dp.DataParallelStrategy`.
+
+    ``"auto"`` means every GPU with enough free memory, or ``cpu_fallback`` CPU replicas without GPUs.
+    """
+
+    _target_: Any = "lightning_gpupar.strategies.dp.DataParallelStrategy"
+    cpu_fallback: int = 2
+    output_device: Any = None
+
+
+@dataclass
 class TrainerConfig:
     """The Trainer arguments the app exposes; devices and strategy come from the strategy config."""
 
@@ -71,6 +119,9 @@ def register_configs(store: ConfigStore | None = None) -> None:
     """Register the schemas the YAML files in ``conf/strategy`` and ``conf/trainer`` extend."""
     store = store or ConfigStore.instance()
     store.store(group="strategy", name="single_schema", node=SingleStrategyConfig)
+    store.store(group="strategy", name="dp_schema", node=DPStrategyConfig)
+    store.store(group="strategy", name="ddp_schema", node=DDPStrategyConfig)
+    store.store(group="strategy", name="split_schema", node=SplitStrategyConfig)
     store.store(group="trainer", name="trainer_schema", node=TrainerConfig)
 
 
