@@ -19,7 +19,6 @@ The path a step takes:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,24 +28,13 @@ from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
-from lightning_gpupar.pipeline import Checkpoint, PipelineHandle, install_pipeline
-from lightning_gpupar.placement import (
-    Placement,
-    PlacementError,
-    PlacementHandle,
-    PlacementPlan,
-    apply_placement,
-    infer_stages,
-    plan_placement,
-)
-
-log = logging.getLogger(__name__)
+from lightning_gpupar.model_split import AppliedSplit, ModelSplit, optimizer_state_to_parameter_devices
+from lightning_gpupar.pipeline import Checkpoint
+from lightning_gpupar.placement import Placement, PlacementPlan
 
 
 class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
@@ -90,22 +78,18 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise PlacementError(f"chunks={chunks!r}: the number of micro-batches must be an int >= 1.")
-        if not (placement is None or isinstance(placement, str | Mapping)):
-            raise PlacementError(
-                f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions."
-            )
-        self.placement = placement
-        self.chunks = chunks
-        self.stages = list(stages) if stages is not None else None
-        self.default_device = default_device
-        self.output_device = output_device
-        self.max_memory = max_memory
-        self.no_split = list(no_split or ())
-        self.checkpoint = checkpoint
-        self.plan: PlacementPlan | None = None
-        self._handles: list[PlacementHandle | PipelineHandle] = []
+        self.split = ModelSplit(
+            placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
+        )
+        self.applied: AppliedSplit | None = None
+
+    @property
+    def placement(self) -> Placement:
+        return self.split.placement
+
+    @property
+    def chunks(self) -> int:
+        return self.split.chunks
 
     # ------------------------------------------------------------------------------------ devices
 
@@ -118,9 +102,10 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
     @override
     def root_device(self) -> torch.device:
         """The output device: where batches arrive and outputs, loss and metrics live."""
-        if self.plan is not None:
-            return self.plan.output_device
-        position = self.output_device if self.output_device is not None else len(self.devices) - 1
+        if self.applied is not None:
+            return self.applied.plan.output_device
+        output = self.split.output_device
+        position = output if output is not None else len(self.devices) - 1
         return self.devices[min(position, len(self.devices) - 1)]
 
     @property
@@ -132,50 +117,22 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
 
     def plan_for(self, module: torch.nn.Module) -> PlacementPlan:
         """The plan this strategy would apply to ``module`` (a LightningModule; may live on meta)."""
-        stages = self.stages
-        if stages is None and self.chunks > 1 and self.placement in (None, "auto"):
-            stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
-        return plan_placement(
-            module,
-            self.devices,
-            self.placement,
-            stages=stages if self.placement in (None, "auto") else None,
-            default_device=self.default_device,
-            output_device=self.output_device,
-            max_memory=self.max_memory,
-            no_split=self.no_split,
-        )
-
-    def pipeline_stages(self, module: torch.nn.Module) -> list[str]:
-        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""
-        if self.stages is not None:
-            return self.stages
-        if isinstance(self.placement, Mapping):
-            return [str(key) for key in self.placement]
-        return infer_stages(module, self.no_split)
+        return self.split.plan(module, self.devices)
 
     @override
     def model_to_device(self) -> None:
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         module = self.lightning_module
         assert module is not None
-        self._remove_handles()
-        plan = self.plan_for(module)
-        rank_zero_info(f"ModelSplitStrategy placement (chunks={self.chunks}):\n{plan.table()}")
-        plan.check_free_memory()
-        self._handles.append(apply_placement(module, plan))
-        self.plan = plan
-        module._device = plan.output_device  # `self.device` in the LightningModule: the output device
-        if self.chunks > 1:
-            stages = self.pipeline_stages(module)
-            self._handles.append(install_pipeline(module, plan, stages, self.chunks, self.checkpoint))
+        self._remove_split()
+        self.applied = self.split.apply(module, self.devices, "ModelSplitStrategy")
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             for optimizer in self.optimizers:
-                _state_to_parameter_devices(optimizer)
+                optimizer_state_to_parameter_devices(optimizer)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -188,23 +145,17 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
         """Fail before the first step if the batches are smaller than ``chunks``."""
         module = self.lightning_module
         loader = module.trainer.train_dataloader if module is not None else None
-        batch_size = getattr(loader, "batch_size", None)
-        if self.chunks > 1 and isinstance(batch_size, int) and batch_size < self.chunks:
-            raise PlacementError(
-                f"chunks={self.chunks} micro-batches, but the training batches hold {batch_size} samples. "
-                f"Use chunks <= {batch_size} or a larger batch size."
-            )
+        self.split.check_batch_size(getattr(loader, "batch_size", None))
 
     @override
     def teardown(self) -> None:
-        self._remove_handles()
-        self.plan = None
+        self._remove_split()
         super().teardown()
 
-    def _remove_handles(self) -> None:
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles = []
+    def _remove_split(self) -> None:
+        if self.applied is not None:
+            self.applied.remove()
+            self.applied = None
 
     # ------------------------------------------------------------------- one process: no collectives
 
@@ -221,11 +172,3 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj
-
-
-def _state_to_parameter_devices(optimizer: Optimizer) -> None:
-    """Move each parameter's optimizer state (but ``step`` counters) to that parameter's device."""
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(value, Tensor) and key != "step":
-                state[key] = value.to(param.device)
