@@ -218,8 +218,7 @@ def install_pipeline(
     if paths == [owner_path]:
         callables = [owner.forward]  # micro-batching one module: its own forward is the stage
     partitions: list[Partition] = []
-    for path, stage in zip(paths, callables, strict=True):
-        position = _position(plan, path)
+    for path, stage, position in zip(paths, callables, _positions(plan, paths), strict=True):
         if partitions and partitions[-1].position == position:
             last = partitions[-1]
             partitions[-1] = Partition(
@@ -287,12 +286,26 @@ def _check_sequence(root: nn.Module, owner_path: str, owner: nn.Module, paths: l
         )
 
 
-def _position(plan: PlacementPlan, path: str) -> int:
-    """The one position a stage runs on."""
+def _positions(plan: PlacementPlan, paths: Sequence[str]) -> list[int]:
+    """The position each stage runs on; a stage holding no tensors (an activation) runs where its input is."""
+    found = [_position(plan, path) for path in paths]
+    known = [p for p in found if p is not None]
+    previous = known[0] if known else plan.output_position
+    positions = []
+    for position in found:
+        previous = position if position is not None else previous
+        positions.append(previous)
+    return positions
+
+
+def _position(plan: PlacementPlan, path: str) -> int | None:
+    """The one position a stage runs on, or ``None`` for a stage that holds no tensors."""
     position = plan.position_of(path)
     if position is not None:
         return position
     inside = {e.position for e in plan.entries if is_within(e.path, path)}
+    if not inside:
+        return None
     if len(inside) != 1:
         raise PipelineError(
             f"Stage {path!r} is spread over positions {sorted(inside)}; a stage must live on one device. "

@@ -210,3 +210,13 @@ def test_two_stages_on_one_gpu_equal_single_device(single: TokenNet) -> None:
     strategy = ModelSplitStrategy(MAP, chunks=4, parallel_devices=[cuda, cuda])
     fit(split, strategy, accelerator="gpu", devices=1)
     assert_same_training(single, split)
+
+
+def test_auto_pipeline_with_a_parameter_free_stage_equals_single_device() -> None:
+    """TinyNet is Linear, Tanh, Linear: the Tanh stage holds no tensors and runs where its input is."""
+    from tests.equivalence import assert_same, run
+
+    single = run(batch_size=7, n=35, max_steps=3, devices=1)
+    split = run(batch_size=7, n=35, max_steps=3, devices=2, strategy=ModelSplitStrategy(chunks=3))
+    torch.testing.assert_close(split.losses, single.losses, rtol=1e-10, atol=0)
+    assert_same(split.weights, single.weights)
