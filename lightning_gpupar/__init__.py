@@ -1,12 +1,17 @@
 """Multi-GPU strategies for PyTorch Lightning 2.x, chosen from Hydra configs.
 
-Importing the package registers our strategy names ("dp", "model_split", ...) in Lightning's StrategyRegistry.
+Importing the package registers our strategy names ("dp", "model_split", "ddp_split") in Lightning's
+StrategyRegistry.
 """
 
 from lightning_gpupar.checkpoint import NormalizeCheckpointKeys
 from lightning_gpupar.devices import DeviceSelection, DeviceSelectionError, resolve_devices
-from lightning_gpupar.strategies import DataParallelStrategy, ModelSplitStrategy, register_strategies
-from lightning_gpupar.strategies.ddp import DDPStrategy
+from lightning_gpupar.strategies import (
+    DataParallelStrategy,
+    DDPStrategy,
+    ModelSplitStrategy,
+    register_strategies,
+)
 
 register_strategies()
 

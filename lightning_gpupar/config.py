@@ -62,6 +62,25 @@ class DDPStrategyConfig(StrategyConfig):
 
 
 @dataclass
+class DDPSplitStrategyConfig(DDPStrategyConfig):
+    """DDP over device groups: each process owns ``devices_per_process`` devices holding one split copy.
+
+    The split fields are those of :class:`SplitStrategyConfig`; positions count within a process's group.
+    """
+
+    devices_per_process: int = 2
+    cpu_fallback: int = 4
+    placement: Any = None
+    chunks: int = 1
+    stages: Any = None
+    default_device: Any = None
+    output_device: Any = None
+    max_memory: Any = None
+    no_split: Any = None
+    checkpoint: Any = None
+
+
+@dataclass
 class SplitStrategyConfig(StrategyConfig):
     """One model split over devices: see :class:`lightning_gpupar.strategies.split.ModelSplitStrategy`.
 
@@ -121,6 +140,7 @@ def register_configs(store: ConfigStore | None = None) -> None:
     store.store(group="strategy", name="single_schema", node=SingleStrategyConfig)
     store.store(group="strategy", name="dp_schema", node=DPStrategyConfig)
     store.store(group="strategy", name="ddp_schema", node=DDPStrategyConfig)
+    store.store(group="strategy", name="ddp_split_schema", node=DDPSplitStrategyConfig)
     store.store(group="strategy", name="split_schema", node=SplitStrategyConfig)
     store.store(group="trainer", name="trainer_schema", node=TrainerConfig)
 

@@ -1,4 +1,8 @@
-"""`examples/train.py strategy=ddp` as users start it: a Hydra run, a Hydra sweep, two torchrun "nodes"."""
+"""`examples/train.py strategy=ddp|ddp_split` as users start it: a Hydra run, a sweep, two torchrun "nodes".
+
+Every test runs for both layouts: ddp (one CPU device per process) and ddp_split (two CPU devices per
+process, each holding half of the model).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ from tests.ddp_programs import ROOT, run_bounded
 
 APP = str(ROOT / "examples" / "train.py")
 CPU_DDP = (
-    "strategy=ddp",
     "trainer.accelerator=cpu",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=4",
@@ -23,6 +26,17 @@ CPU_DDP = (
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 )
+
+
+#: strategy overrides for 2 processes on one node, and for 1 process per node.
+LAYOUTS = {
+    "ddp": (("strategy=ddp", "strategy.device_ids=2"), ("strategy=ddp", "strategy.device_ids=1")),
+    "ddp_split": (
+        ("strategy=ddp_split", "strategy.device_ids=4", "strategy.devices_per_process=2"),
+        ("strategy=ddp_split", "strategy.device_ids=2", "strategy.devices_per_process=2"),
+    ),
+}
+layouts = pytest.mark.parametrize("layout", list(LAYOUTS))
 
 
 def free_port() -> int:
@@ -49,10 +63,11 @@ def assert_one_ddp_job(job_dir: Path, world_size: int = 2) -> None:
 
 
 @pytest.mark.slow
-def test_hydra_run_shares_one_run_directory(tmp_path: Path) -> None:
+@layouts
+def test_hydra_run_shares_one_run_directory(tmp_path: Path, layout: str) -> None:
     run_dir = tmp_path / "run"
     finished = run_bounded(
-        [sys.executable, APP, *CPU_DDP, "strategy.device_ids=2", f"hydra.run.dir={run_dir}"],
+        [sys.executable, APP, *CPU_DDP, *LAYOUTS[layout][0], f"hydra.run.dir={run_dir}"],
         timeout=150,
         cwd=tmp_path,
     )
@@ -63,7 +78,8 @@ def test_hydra_run_shares_one_run_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_hydra_sweep_runs_each_job_once_in_its_own_directory(tmp_path: Path) -> None:
+@layouts
+def test_hydra_sweep_runs_each_job_once_in_its_own_directory(tmp_path: Path, layout: str) -> None:
     sweep_dir = tmp_path / "sweep"
     finished = run_bounded(
         [
@@ -71,7 +87,7 @@ def test_hydra_sweep_runs_each_job_once_in_its_own_directory(tmp_path: Path) -> 
             APP,
             "-m",
             *CPU_DDP,
-            "strategy.device_ids=2",
+            *LAYOUTS[layout][0],
             "model.lr=0.1,0.01",
             f"hydra.sweep.dir={sweep_dir}",
         ],
@@ -88,7 +104,8 @@ def test_hydra_sweep_runs_each_job_once_in_its_own_directory(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_two_torchrun_nodes_train_together_and_save_one_checkpoint(tmp_path: Path) -> None:
+@layouts
+def test_two_torchrun_nodes_train_together_and_save_one_checkpoint(tmp_path: Path, layout: str) -> None:
     port = free_port()
     node_dirs = [tmp_path / f"node{n}" for n in (0, 1)]
     procs = [
@@ -103,7 +120,7 @@ def test_two_torchrun_nodes_train_together_and_save_one_checkpoint(tmp_path: Pat
             f"--master_port={port}",
             APP,
             *CPU_DDP,
-            "strategy.device_ids=1",
+            *LAYOUTS[layout][1],
             "trainer.num_nodes=2",
             f"hydra.run.dir={node_dirs[n]}",
         ]

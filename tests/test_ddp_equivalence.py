@@ -46,14 +46,22 @@ def single_device_reference() -> tuple[torch.Tensor, dict[str, torch.Tensor], di
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_device(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ddp", "ddp_split"])
+def test_two_processes_match_one_device(tmp_path: Path, mode: str) -> None:
+    """ddp: one device per process; ddp_split: 2 devices per process, 2 stages, 2 micro-batches."""
     finished = run_bounded(
-        python("equivalence.py", str(tmp_path), str(STEPS), str(PER_RANK_BATCH)), timeout=150, cwd=tmp_path
+        python("equivalence.py", str(tmp_path), str(STEPS), str(PER_RANK_BATCH), mode),
+        timeout=150,
+        cwd=tmp_path,
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     ref_loss, ref_grads, ref_weights = single_device_reference()
 
+    if mode == "ddp_split":
+        for rank in ranks:
+            assert rank["positions"] == {"net.0": 0, "net.2": 1}
+            assert rank["microbatch_sizes"] == [PER_RANK_BATCH // 2] * (2 * STEPS)
     # each rank saw half of the global batch: the mean of their losses is the global loss
     assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])
     torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, ref_loss, rtol=RTOL, atol=ATOL)

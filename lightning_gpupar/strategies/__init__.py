@@ -1,27 +1,44 @@
 """Our strategies, and their registration under Lightning's strategy names."""
 
+from typing import Any, NamedTuple
+
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
+from lightning_gpupar.strategies.ddp import DDPStrategy
 from lightning_gpupar.strategies.dp import DataParallelStrategy
 from lightning_gpupar.strategies.split import ModelSplitStrategy
 
-__all__ = ["DataParallelStrategy", "ModelSplitStrategy", "register_strategies"]
+__all__ = ["DDPStrategy", "DataParallelStrategy", "ModelSplitStrategy", "register_strategies"]
 
-#: Name -> (class, description): what ``Trainer(strategy=name)`` selects once lightning_gpupar is imported.
-STRATEGIES: dict[str, tuple[type[Strategy], str]] = {
-    "dp": (
-        DataParallelStrategy,
-        "One process, the batch split over the chosen devices, a replica per device.",
+
+class Registration(NamedTuple):
+    cls: type[Strategy]
+    description: str
+    init_params: dict[str, Any] | None = None
+
+
+#: What ``Trainer(strategy=name)`` selects once lightning_gpupar is imported. Lightning's own "ddp" stays
+#: Lightning's; our DDPStrategy is reached by import or through Hydra's ``_target_``.
+STRATEGIES: dict[str, Registration] = {
+    "dp": Registration(
+        DataParallelStrategy, "One process, the batch split over the chosen devices, a replica per device."
     ),
-    "model_split": (
+    "model_split": Registration(
         ModelSplitStrategy,
         "One process, the model's submodules placed on the chosen devices, optionally pipelined.",
+    ),
+    "ddp_split": Registration(
+        DDPStrategy,
+        "DDP where each process owns 2 devices holding one split copy of the model (placement 'auto').",
+        {"devices_per_process": 2},
     ),
 }
 
 
 def register_strategies() -> None:
     """Add our names to Lightning's registry (idempotent; call before the Trainer is built)."""
-    for name, (cls, description) in STRATEGIES.items():
+    for name, entry in STRATEGIES.items():
         if name not in StrategyRegistry:
-            StrategyRegistry.register(name, cls, description=description)
+            StrategyRegistry.register(
+                name, entry.cls, description=entry.description, **(entry.init_params or {})
+            )

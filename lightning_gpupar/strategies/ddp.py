@@ -22,14 +22,21 @@ Where a process's model goes and which devices DDP is told about are Lightning's
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.launchers import DDPLaunchError, HydraAwareScriptLauncher
+from lightning_gpupar.model_split import AppliedSplit, ModelSplit, optimizer_state_to_parameter_devices
+from lightning_gpupar.pipeline import Checkpoint
+from lightning_gpupar.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,12 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         process_group_backend: ``"nccl"``, ``"gloo"``...; ``None`` picks by device (gloo on CPU).
         timeout: seconds a collective (and the rendezvous) may wait before every rank fails.
         start_method: ``"popen"`` re-runs the script per rank (Hydra-aware); others as in Lightning.
+        devices_per_process: ``k > 1`` is ``ddp_split``: the D chosen devices form D/k groups, process r
+            owns devices ``r*k .. r*k+k-1`` and holds one model copy split over them.
+        placement, chunks, stages, default_device, output_device, max_memory, no_split, checkpoint:
+            how each process splits its copy, as in
+            :class:`~lightning_gpupar.strategies.split.ModelSplitStrategy`; positions count within the
+            process's own group (0..k-1).
         **kwargs: any other argument of Lightning's ``DDPStrategy`` or of torch's
             ``DistributedDataParallel`` (``bucket_cap_mb``, ``ddp_comm_hook``, ``cluster_environment``...).
     """
@@ -62,10 +75,32 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         process_group_backend: str | None = None,
         timeout: float | timedelta | None = DEFAULT_TIMEOUT_S,
         start_method: StartMethod = "popen",
+        devices_per_process: int = 1,
+        placement: Placement = "auto",
+        chunks: int = 1,
+        stages: Sequence[str] | None = None,
+        default_device: int | None = None,
+        output_device: int | None = None,
+        max_memory: Mapping[Any, int | str] | None = None,
+        no_split: Sequence[str] | None = None,
+        checkpoint: Checkpoint = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(timeout, int | float):
             timeout = timedelta(seconds=timeout)
+        if isinstance(devices_per_process, bool) or not isinstance(devices_per_process, int):
+            raise DDPLaunchError(f"devices_per_process={devices_per_process!r}: write an int >= 1.")
+        if devices_per_process < 1:
+            raise DDPLaunchError(
+                f"devices_per_process={devices_per_process}: each process needs >= 1 device."
+            )
+        self.devices_per_process = devices_per_process
+        self.split = ModelSplit(
+            placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
+        )
+        self.applied: AppliedSplit | None = None
+        self._all_devices: list[torch.device] | None = None
+        self._check_group_positions()
         super().__init__(
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -75,6 +110,116 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
             gradient_as_bucket_view=gradient_as_bucket_view,
             **kwargs,
         )
+
+    # -- ddp_split: one device group per process -------------------------------------------------------
+
+    @property
+    def is_split(self) -> bool:
+        """Whether each process splits its model copy over a group of devices (``ddp_split``)."""
+        return self.devices_per_process > 1
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        """One device per process, as Lightning counts processes: the first device of each group."""
+        if self._all_devices is None:
+            return None
+        return self._all_devices[:: self.devices_per_process]
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        k = self.devices_per_process
+        if devices is not None and len(devices) % k:
+            raise DDPLaunchError(
+                f"devices_per_process={k}, but {len(devices)} device(s) were chosen "
+                f"({', '.join(map(str, devices))}): the device count must be a multiple of {k}. Choose "
+                f"{len(devices) - len(devices) % k or k} or {len(devices) + k - len(devices) % k} devices, "
+                "or change strategy.devices_per_process."
+            )
+        self._all_devices = None if devices is None else list(devices)
+
+    @property
+    def device_group(self) -> list[torch.device]:
+        """The devices this process owns: ``r*k .. r*k+k-1`` of the chosen list, for local rank r."""
+        assert self._all_devices is not None, "the Trainer has not set the devices yet"
+        k = self.devices_per_process
+        return self._all_devices[self.local_rank * k : (self.local_rank + 1) * k]
+
+    @property
+    def root_device(self) -> torch.device:
+        """Without a split, this rank's device; with one, its group's output device (batches, loss)."""
+        if not self.is_split:
+            return super().root_device
+        if self.applied is not None:
+            return self.applied.plan.output_device
+        output = self.split.output_device
+        return self.device_group[output if output is not None else -1]
+
+    def model_to_device(self) -> None:
+        """Split this process's model copy over its device group (``ddp_split``), else Lightning's move."""
+        if not self.is_split:
+            super().model_to_device()
+            return
+        assert self.model is not None
+        self._remove_split()
+        self.applied = self.split.apply(self.model, self.device_group, f"ddp_split rank {self.global_rank}")
+        unused = sorted(
+            set(range(self.devices_per_process)) - {e.position for e in self.applied.plan.entries}
+        )
+        if unused:
+            rank_zero_warn(
+                f"ddp_split: the placement leaves device position(s) {unused} of each process's group "
+                f"{[str(d) for d in self.device_group]} unused; they hold no part of the model."
+            )
+
+    def determine_ddp_device_ids(self) -> list[int] | None:
+        """torch's DDP needs ``device_ids=None`` for a module spread over several devices."""
+        return None if self.is_split else super().determine_ddp_device_ids()
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if self.is_split and trainer.state.fn == TrainerFn.FITTING:
+            for optimizer in self.optimizers:  # Lightning moved the state to root_device
+                optimizer_state_to_parameter_devices(optimizer)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if not self.is_split:
+            super().load_optimizer_state_dict(checkpoint)
+            return
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            optimizer.load_state_dict(state)  # torch puts each state on its parameter's device
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        module = self.lightning_module
+        loader = module.trainer.train_dataloader if module is not None else None
+        self.split.check_batch_size(getattr(loader, "batch_size", None))
+
+    def teardown(self) -> None:
+        self._remove_split()
+        super().teardown()
+
+    def _remove_split(self) -> None:
+        if self.applied is not None:
+            self.applied.remove()
+            self.applied = None
+
+    def _check_group_positions(self) -> None:
+        """Positions are relative to a process's group: one >= k would cross into another process."""
+        k = self.devices_per_process
+        if not self.is_split:
+            if self.split.placement not in (None, "auto") or self.split.chunks > 1:
+                raise DDPLaunchError(
+                    "placement and chunks split a model over a process's devices, but devices_per_process=1. "
+                    "Use strategy=ddp_split with devices_per_process >= 2, or strategy=split for one process."
+                )
+            return
+        crossing = sorted(p for p in self.split.positions_used() if not 0 <= p < k)
+        if crossing:
+            raise DDPLaunchError(
+                f"ddp_split with devices_per_process={k}: placement position(s) {crossing} lie outside a "
+                f"process's own group. Positions count within the group, 0..{k - 1}; a stage on another "
+                "process's device would cross process groups, which DDP cannot train."
+            )
 
     def _configure_launcher(self) -> None:
         """Lightning's choice of launcher, with our Hydra-aware one in place of its script launcher."""

@@ -1,10 +1,12 @@
 """Train a float64 MLP with DDPStrategy on 2 CPU processes and record what a step produced.
 
-    python equivalence.py OUT_DIR STEPS PER_RANK_BATCH
+    python equivalence.py OUT_DIR STEPS PER_RANK_BATCH [ddp|ddp_split]
 
 Every rank writes ``OUT_DIR/rank<r>.pt``: its first-step loss, its gradients after the first backward
 (already all-reduced by DDP), and its weights after ``STEPS`` optimizer steps. The data and the
 initial weights come from :func:`problem`, which the test uses for the single-device reference.
+``ddp_split`` runs 2 processes x 2 CPU devices, each copy split in two stages and pipelined in 2
+micro-batches; each rank also records the stage positions and how many micro-batches stage 0 ran.
 """
 
 from __future__ import annotations
@@ -66,10 +68,26 @@ def main() -> None:
     out, steps, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     net, data = problem()
     model = Recorder(net)
+    split = len(sys.argv) > 4 and sys.argv[4] == "ddp_split"
+    strategy = (
+        DDPStrategy(timeout=60, devices_per_process=2, placement={"net.0-1": 0, "net.2": 1}, chunks=2)
+        if split
+        else DDPStrategy(timeout=60)
+    )
+    calls: list[int] = []
+    net[0].register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    positions: dict[str, int | None] = {}
+
+    class Positions(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            applied = strategy.applied
+            positions.update({p: applied.plan.position_of(p) for p in ("net.0", "net.2")} if applied else {})
+
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2,
-        strategy=DDPStrategy(timeout=60),
+        devices=4 if split else 2,
+        strategy=strategy,
+        callbacks=[Positions()],
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -82,6 +100,8 @@ def main() -> None:
             "loss": model.first_loss,
             "grads": model.first_grads,
             "weights": {n: p.detach().clone() for n, p in net.named_parameters()},
+            "positions": positions,
+            "microbatch_sizes": calls,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

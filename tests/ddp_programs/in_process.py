@@ -30,12 +30,15 @@ class LeaveNoTrace(pl.Callback):
         os.environ.update(self.environ)
 
 
-def in_process_ddp() -> dict[str, Any]:
-    """Trainer arguments: DDP on one CPU rank, the loader's own order (no shuffling sampler)."""
+def in_process_ddp(devices_per_process: int = 1, **split: Any) -> dict[str, Any]:
+    """Trainer arguments: DDP on one CPU rank, the loader's own order (no shuffling sampler).
+
+    With ``devices_per_process=k`` (ddp_split) the one rank owns k CPU devices and splits its model.
+    """
     return {
-        "strategy": DDPStrategy(),
+        "strategy": DDPStrategy(devices_per_process=devices_per_process, **split),
         "accelerator": "cpu",
-        "devices": 1,
+        "devices": devices_per_process,
         "use_distributed_sampler": False,
         "callbacks": [LeaveNoTrace()],
     }

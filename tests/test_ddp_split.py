@@ -1,0 +1,109 @@
+"""strategy=ddp_split: device groups per process, checks before any process starts, one rank in-process.
+
+Multi-process equivalence, Hydra runs, sweeps and torchrun for ddp_split live beside ddp's in
+test_ddp_equivalence.py and test_ddp_app.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from lightning_gpupar import DDPStrategy
+from lightning_gpupar.config import build_trainer
+from lightning_gpupar.devices import GPUInfo
+from lightning_gpupar.launchers import DDPLaunchError
+from lightning_gpupar.placement import PlacementError
+from tests.ddp_programs.in_process import in_process_ddp
+from tests.equivalence import TinyNet, make_data
+
+Compose = Callable[..., DictConfig]
+QUIET: dict[str, Any] = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1)
+
+
+def test_registered_name_gives_groups_of_two(fake_gpus: Callable[..., list[GPUInfo]]) -> None:
+    fake_gpus(80, 80, 80, 80)
+    trainer = pl.Trainer(accelerator="gpu", devices=[0, 1, 2, 3], strategy="ddp_split", logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, DDPStrategy) and strategy.devices_per_process == 2
+    assert strategy.num_processes == 2 and trainer.world_size == 2
+    assert strategy.parallel_devices == [torch.device("cuda", 0), torch.device("cuda", 2)]
+    assert strategy.device_group == [torch.device("cuda", 0), torch.device("cuda", 1)]  # local rank 0
+    assert strategy.determine_ddp_device_ids() is None  # torch DDP over a multi-device module
+    assert strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
+
+
+def test_hydra_config_as_the_issue_writes_it(compose_app: Compose) -> None:
+    cfg = compose_app(
+        "strategy=ddp_split",
+        "trainer.accelerator=cpu",
+        "strategy.device_ids=4",
+        "strategy.devices_per_process=2",
+        "model=transformer",
+        "strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}",
+        "strategy.chunks=4",
+    )
+    strategy = build_trainer(cfg).strategy
+    assert isinstance(strategy, DDPStrategy)
+    assert (strategy.num_processes, strategy.devices_per_process, strategy.split.chunks) == (2, 2, 4)
+    assert list(strategy.split.placement) == [
+        "model.embed",
+        "model.blocks.0-1",
+        "model.blocks.2-3",
+        "model.head",
+    ]
+
+
+# -- refused before any process starts ----------------------------------------------------------------
+
+
+def test_device_count_must_be_a_multiple_of_the_group_size() -> None:
+    with pytest.raises(
+        DDPLaunchError, match=r"devices_per_process=2, but 3 device\(s\).*Choose 2 or 4 devices"
+    ):
+        pl.Trainer(accelerator="cpu", devices=3, strategy=DDPStrategy(devices_per_process=2), logger=False)
+
+
+def test_a_position_outside_the_group_would_cross_process_groups() -> None:
+    with pytest.raises(
+        DDPLaunchError, match=r"position\(s\) \[2\] lie outside.*0\.\.1.*cross process groups"
+    ):
+        DDPStrategy(devices_per_process=2, placement={"model.0": 0, "model.2": 2})
+
+
+def test_split_options_need_several_devices_per_process() -> None:
+    with pytest.raises(DDPLaunchError, match="devices_per_process=1"):
+        DDPStrategy(placement={"model.0": 0}, chunks=2)
+    with pytest.raises(DDPLaunchError, match="devices_per_process=0"):
+        DDPStrategy(devices_per_process=0)
+
+
+def test_chunks_larger_than_the_per_process_batch_fail_before_the_first_step() -> None:
+    kwargs = in_process_ddp(devices_per_process=2, chunks=4)
+    with pytest.raises(PlacementError, match=r"chunks=4 micro-batches.*3 samples \(per process\)"):
+        pl.Trainer(**QUIET, **kwargs).fit(TinyNet(), DataLoader(make_data(12), batch_size=3))
+
+
+# -- one rank in this process -----------------------------------------------------------------------------
+
+
+def test_one_rank_splits_its_copy_over_its_group() -> None:
+    module = TinyNet()
+    kwargs = in_process_ddp(devices_per_process=2, placement={"model.0-1": 0, "model.2": 1}, chunks=2)
+    seen: list[int] = []
+    module.model[0].register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    pl.Trainer(**QUIET, **kwargs).fit(module, DataLoader(make_data(8), batch_size=8))
+    assert seen == [4, 4], "each batch ran as two micro-batches"
+    assert len(module.grads) == 1 and module.grads[0]["model.2.weight"].abs().sum() > 0
+
+
+def test_a_placement_that_leaves_a_device_unused_is_reported() -> None:
+    kwargs = in_process_ddp(devices_per_process=2, placement={"model": 0})
+    with pytest.warns(UserWarning, match=r"leaves device position\(s\) \[1\].*unused"):
+        pl.Trainer(**QUIET, **kwargs).fit(TinyNet(), DataLoader(make_data(8), batch_size=8))
