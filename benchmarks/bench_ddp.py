@@ -1,10 +1,12 @@
-"""DDPStrategy throughput: ours against Lightning's "ddp" and a plain torch DDP loop, 2 CPU processes.
+"""DDPStrategy throughput: ours against Lightning's "ddp" and a plain torch DDP loop, 2 CPU processes;
+and ddp_split (the same 2 processes, each owning 2 CPU devices with its model copy split over them).
 
     python benchmarks/bench_ddp.py [--rounds 3] [--steps 40] [--devices 2]
 
 Each variant is a fresh 2-process run of this script (``--worker NAME``) training the same MLP on the
 same data with the same per-rank batch; rank 0 reports its step times. Runs are interleaved
-(ours, lightning, torch, ours, ...) and the median step is compared. Target: ours >= 0.97x Lightning's.
+(ours, lightning, torch, ddp_split, ours, ...) and the median step is compared. Target: ours >= 0.97x
+Lightning's. ddp_split runs the same global batch; on CPU devices its split can only add hook overhead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from benchmarks.common import fit_step_times, machine
 from lightning_gpupar import DDPStrategy
 
-VARIANTS = ("ours", "lightning", "torch")
+VARIANTS = ("ours", "lightning", "torch", "ddp_split")
 WARMUP = 3
 RESULT = "BENCH_RESULT "
 
@@ -64,12 +66,11 @@ class Net(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def lightning_worker(strategy: Any, args: argparse.Namespace) -> None:
+def lightning_worker(strategy: Any, args: argparse.Namespace, devices_per_process: int = 1) -> None:
     """One Lightning run; Lightning's launcher re-runs this script for the other ranks."""
     loader = DataLoader(make_data(args.batch, args.steps, args.devices), batch_size=args.batch)
-    times = fit_step_times(
-        Net(), loader, args.steps, accelerator="cpu", devices=args.devices, strategy=strategy
-    )
+    devices = args.devices * devices_per_process
+    times = fit_step_times(Net(), loader, args.steps, accelerator="cpu", devices=devices, strategy=strategy)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(RESULT + json.dumps(times), flush=True)
 
@@ -126,6 +127,8 @@ def main() -> None:
         return lightning_worker(DDPStrategy(), args)
     if args.worker == "lightning":
         return lightning_worker("ddp", args)
+    if args.worker == "ddp_split":
+        return lightning_worker(DDPStrategy(devices_per_process=2), args, devices_per_process=2)
     if args.worker == "torch":
         from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
@@ -144,6 +147,9 @@ def main() -> None:
     print(f"  ratio ours / lightning  {median['lightning'] / median['ours']:.3f}  (steps/s; target >= 0.97)")
     print(f"  ratio ours / torch loop {median['torch'] / median['ours']:.3f}")
     print(f"  ratio lightning / torch {median['torch'] / median['lightning']:.3f}")
+    print(
+        f"  ratio ddp_split (2x2 CPU devices) / ddp (2 processes) {median['ours'] / median['ddp_split']:.3f}"
+    )
     return None
 
 
