@@ -21,6 +21,7 @@ its batch dimension.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from lightning_gpupar.placement import (
     join,
     uncovered,
 )
+from lightning_gpupar.stage_check import check_stage_chain
 
 #: ``checkpoint=`` values: nothing, every stage, or the listed stage paths are recomputed in backward.
 Checkpoint = bool | str | Sequence[str] | None
@@ -72,15 +74,25 @@ class Partition:
 class Pipeline:
     """Call the partitions on ``chunks`` micro-batches in GPipe order; outputs land on ``output_device``."""
 
-    def __init__(self, partitions: Sequence[Partition], chunks: int, output_device: torch.device) -> None:
+    def __init__(
+        self,
+        partitions: Sequence[Partition],
+        chunks: int,
+        output_device: torch.device,
+        check_first_call: Callable[[Any, Any], None] | None = None,
+    ) -> None:
         if chunks < 1:
             raise PipelineError(f"chunks={chunks}: the number of micro-batches must be >= 1.")
         self.partitions = tuple(partitions)
         self.chunks = chunks
         self.output_device = output_device
+        self.check_first_call = check_first_call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         shards, _ = split_batch((args, kwargs), self.chunks)
+        if self.check_first_call is not None:
+            self.check_first_call(*shards[0])
+            self.check_first_call = None
         streams = _Streams([p.device for p in self.partitions])
         streams.start()
         data: list[Any] = list(shards)
@@ -234,7 +246,13 @@ def install_pipeline(
             "the unsplit model. Prefer GroupNorm/LayerNorm, or chunks=1.",
             stacklevel=2,
         )
-    owner.__dict__["forward"] = Pipeline(partitions, chunks, plan.output_device)
+    check = None
+    if not isinstance(owner, nn.Sequential) and paths != [owner_path]:
+        original = previous or type(owner).forward.__get__(owner)
+        stage_modules = [(p, root.get_submodule(p)) for p in paths]
+        name = f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
+        check = functools.partial(check_stage_chain, name, original, stage_modules)
+    owner.__dict__["forward"] = Pipeline(partitions, chunks, plan.output_device, check)
     return PipelineHandle(owner, previous)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from examples.models import TransformerNet
 from lightning_gpupar.pipeline import PipelineError, gpipe_schedule, install_pipeline
-from lightning_gpupar.placement import plan_placement
+from lightning_gpupar.placement import PlacementError, plan_placement
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
 MAP = {"embed": 0, "blocks.0-1": 0, "blocks.2-3": 1, "head": 1}
@@ -37,7 +37,8 @@ def test_pipelined_loss_and_gradients_equal_the_unsplit_model(chunks: int) -> No
     split.head.register_forward_hook(lambda m, a, o: calls.append(len(o)))
     loss = nn.functional.mse_loss(split(tokens), target)
     loss.backward()
-    assert calls == [10 // chunks + (i < 10 % chunks) for i in range(chunks)]  # uneven micro-batches
+    micro = [10 // chunks + (i < 10 % chunks) for i in range(chunks)]  # uneven micro-batches
+    assert calls == [micro[0], *micro]  # the first micro-batch also ran once through the chain check
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     for (name, p), q in zip(reference.named_parameters(), split.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
@@ -49,7 +50,7 @@ def test_a_batch_smaller_than_chunks_uses_one_micro_batch_per_sample() -> None:
     calls: list[int] = []
     model.embed.register_forward_hook(lambda m, a, o: calls.append(len(o)))
     assert model(torch.randint(0, 16, (3, 12))).shape == (3, 3)
-    assert calls == [1, 1, 1]
+    assert calls == [1, 1, 1, 1]  # three micro-batches of one, the first also through the chain check
 
 
 def test_checkpointed_stages_recompute_in_backward_with_the_same_gradients() -> None:
@@ -57,6 +58,8 @@ def test_checkpointed_stages_recompute_in_backward_with_the_same_gradients() -> 
     plain, recomputed = net(), net()
     for model, checkpoint in ((plain, None), (recomputed, ["blocks.2-3"])):
         install_pipeline(model, plan_placement(model, CPU2, MAP), list(MAP), 2, checkpoint)
+    with torch.no_grad():
+        recomputed(tokens)  # the one-time chain check runs here, before counting
     calls: list[str] = []
     recomputed.blocks[2].linear1.register_forward_hook(lambda m, a, o: calls.append("b2"))
     recomputed.blocks[0].linear1.register_forward_hook(lambda m, a, o: calls.append("b0"))
@@ -104,3 +107,37 @@ def test_batchnorm_in_a_pipeline_warns() -> None:
     model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4))
     with pytest.warns(UserWarning, match="BatchNorm"):
         install_pipeline(model, plan_placement(model, CPU2, {"0": 0, "1": 1}), ["0", "1"], 2)
+
+
+class NotAChain(nn.Module):
+    """Looks like embed -> head, but transforms the value between the stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 4).double()
+        self.head = nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(x)) * 2)
+
+
+class OutOfOrder(NotAChain):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+@pytest.mark.parametrize(
+    ("module", "stages", "problem"),
+    [
+        (NotAChain(), ["embed", "head"], "head does not receive embed's output unchanged"),
+        (OutOfOrder(), ["head", "embed"], r"its forward calls \['embed', 'head'\]"),
+    ],
+)
+def test_a_forward_that_is_not_the_declared_chain_is_refused(
+    module: nn.Module, stages: list[str], problem: str
+) -> None:
+    placement = {"embed": 0, "head": 1}
+    install_pipeline(module, plan_placement(module, CPU2, placement), stages, 2)
+    with pytest.raises(PlacementError, match=rf"{problem}.*compute a different model"):
+        module(torch.randn(4, 4, dtype=torch.float64))
