@@ -24,6 +24,7 @@ STRATEGIES: dict[str, Callable[[], dict[str, Any]]] = {
     "single": lambda: {"accelerator": "cpu", "devices": 1, "callbacks": [NormalizeCheckpointKeys()]},
 }
 STRATEGIES["dp"] = lambda: {"strategy": "dp", "accelerator": "cpu", "devices": 2}
+STRATEGIES["model_split"] = lambda: {"strategy": "model_split", "accelerator": "cpu", "devices": 2}
 STRATEGIES["ddp"] = in_process_ddp  # DDPStrategy, one rank in this process (tests/ddp_programs/in_process.py)
 STRATEGIES["ddp_split"] = lambda: in_process_ddp(devices_per_process=2)  # one rank, model over 2 devices
 
