@@ -135,14 +135,14 @@ class TrainerConfig:
 
 
 def register_configs(store: ConfigStore | None = None) -> None:
-    """Register the schemas the YAML files in ``conf/strategy`` and ``conf/trainer`` extend."""
+    """Register the schemas (group ``schema/strategy``, ``schema/trainer``) the YAML files extend."""
     store = store or ConfigStore.instance()
-    store.store(group="strategy", name="single_schema", node=SingleStrategyConfig)
-    store.store(group="strategy", name="dp_schema", node=DPStrategyConfig)
-    store.store(group="strategy", name="ddp_schema", node=DDPStrategyConfig)
-    store.store(group="strategy", name="ddp_split_schema", node=DDPSplitStrategyConfig)
-    store.store(group="strategy", name="split_schema", node=SplitStrategyConfig)
-    store.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    store.store(group="schema/strategy", name="single", node=SingleStrategyConfig)
+    store.store(group="schema/strategy", name="dp", node=DPStrategyConfig)
+    store.store(group="schema/strategy", name="ddp", node=DDPStrategyConfig)
+    store.store(group="schema/strategy", name="ddp_split", node=DDPSplitStrategyConfig)
+    store.store(group="schema/strategy", name="split", node=SplitStrategyConfig)
+    store.store(group="schema/trainer", name="default", node=TrainerConfig)
 
 
 def select_devices(strategy_cfg: DictConfig, accelerator: str) -> DeviceSelection:

@@ -159,6 +159,11 @@ def resolve_devices(
     want_cpu = accelerator == "cpu" or (accelerator == "auto" and available == 0)
 
     if request == "cpu":
+        if accelerator in ("gpu", "cuda"):
+            raise DeviceSelectionError(
+                f"device_ids='cpu' with trainer.accelerator={accelerator}: the two disagree. Use "
+                "trainer.accelerator=cpu for CPU devices, or GPU ids / a count / 'auto' for GPUs."
+            )
         return _cpu(default_cpu_count)
     if isinstance(request, str):  # "auto" or "auto:N"
         if want_cpu:

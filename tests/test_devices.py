@@ -69,6 +69,7 @@ def test_trainer_devices_are_ids_for_cuda_and_a_count_for_cpu(
         ([0, 3], "cpu", "Write strategy.device_ids=2"),
         ([0, 1], "tpu", "Unknown accelerator 'tpu'"),
         ("auto:4", "gpu", "only 3 qualify"),
+        ("cpu", "gpu", "device_ids='cpu' with trainer.accelerator=gpu: the two disagree"),
     ],
 )
 def test_bad_requests_name_the_request_and_the_fix(
