@@ -17,6 +17,7 @@ empty state (its updates are merged into the root's metric by :mod:`lightning_gp
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -95,8 +96,15 @@ def replicate(root: ModuleT, devices: Sequence[torch.device]) -> list[ModuleT]:
     return [r[0] for r in replicas]  # type: ignore[misc]
 
 
+#: An empty copy of each root metric, made once: cloning the root every step would copy its whole epoch
+#: state (lists of predictions for AUROC and the like) only to reset it.
+_EMPTY_METRICS: weakref.WeakKeyDictionary[Metric, Metric] = weakref.WeakKeyDictionary()
+
+
 def _fresh_metric(metric: Metric, device: torch.device) -> Metric:
     """A copy of ``metric`` with empty state on ``device``; the step's updates are merged back later."""
-    fresh = metric.clone()
-    fresh.reset()
-    return fresh.to(device)
+    empty = _EMPTY_METRICS.get(metric)
+    if empty is None:
+        empty = _EMPTY_METRICS[metric] = metric.clone()
+        empty.reset()
+    return empty.clone().to(device)

@@ -310,3 +310,37 @@ def test_non_tensor_items_reach_every_replica() -> None:
         accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False, enable_progress_bar=False
     ).fit(Net(), loader)
     assert seen == ["hello", "hello"]
+
+
+class TestedNet(TinyNet):
+    """test_step logs a loss and two metrics, one of which keeps every prediction (list state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics.classification import MulticlassAUROC
+
+        self.test_acc = MulticlassAccuracy(3, average="micro")
+        self.test_auroc = MulticlassAUROC(3, thresholds=None)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_acc(logits, y)
+        self.test_auroc.update(logits.softmax(-1), y)
+        self.log("test_loss", F.cross_entropy(logits, y))
+        self.log("test_acc", self.test_acc)
+        self.log("test_auroc", self.test_auroc)
+
+
+@pytest.mark.parametrize("devices", [2, 3])
+def test_test_epoch_metrics_equal_single_device(devices: int) -> None:
+    loader = DataLoader(make_data(40), batch_size=7)
+    results = []
+    for kwargs in ({"devices": 1}, dp(devices)):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **kwargs)
+        (metrics,) = trainer.test(TestedNet(), loader, verbose=False)
+        results.append(metrics)
+    single, parallel = results
+    assert single.keys() == parallel.keys() == {"test_loss", "test_acc", "test_auroc"}
+    for key, value in single.items():
+        assert parallel[key] == pytest.approx(value, rel=1e-6), key
