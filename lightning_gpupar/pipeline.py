@@ -8,9 +8,10 @@ stage's output as its one positional argument. Consecutive stages on one device 
 
 :func:`install_pipeline` replaces the owner's ``forward`` with a :class:`Pipeline`: the input is split
 along dim 0 into ``chunks`` micro-batches, partition ``j`` runs micro-batch ``i`` at clock tick ``i + j``
-(GPipe's fill-drain schedule), and the outputs are concatenated. The caller computes its loss on the full
-output, so autograd's backward equals the unsplit model's. On CUDA each device works on its own stream,
-so partitions on different GPUs overlap; on the CPU the same schedule runs in order.
+(GPipe's fill-drain schedule), and the outputs are gathered as dp gathers them
+(:mod:`lightning_gpupar.gather`: per-sample tensors concatenated in order). The caller computes its loss
+on the full output, so autograd's backward equals the unsplit model's. On CUDA each device works on its
+own stream, so partitions on different GPUs overlap; on the CPU the same schedule runs in order.
 
 Caveats: BatchNorm normalises each micro-batch separately and updates its running statistics once per
 micro-batch, so a model with BatchNorm in training mode is not equivalent to the unsplit model for
@@ -23,19 +24,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from lightning_gpupar.batch import split_batch
+from lightning_gpupar.gather import gather_outputs
 from lightning_gpupar.placement import (
     PlacementError,
     PlacementPlan,
+    common_ancestor,
     expand_paths,
     holds_tensors,
     is_within,
@@ -89,7 +93,7 @@ class Pipeline:
         self.check_first_call = check_first_call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        shards, _ = split_batch((args, kwargs), self.chunks)
+        shards, sizes = split_batch((args, kwargs), self.chunks)
         if self.check_first_call is not None:
             self.check_first_call(*shards[0])
             self.check_first_call = None
@@ -102,7 +106,7 @@ class Pipeline:
         with streams.use(self.partitions[-1].device, self.output_device):
             outputs = [move_data_to_device(d, self.output_device) for d in data]
         streams.finish(self.output_device, outputs)
-        return _concat(outputs)
+        return gather_outputs(outputs, sizes, self.output_device)
 
     @staticmethod
     def _run(partition: Partition, data: Any, first: bool, streams: _Streams) -> Any:
@@ -149,39 +153,13 @@ class _Streams:
 
 
 def _apply_tensors(data: Any, fn: Callable[[Tensor], Any]) -> None:
-    if isinstance(data, Tensor):
-        fn(data)
-    elif isinstance(data, Mapping):
-        for value in data.values():
-            _apply_tensors(value, fn)
-    elif isinstance(data, list | tuple):
-        for value in data:
-            _apply_tensors(value, fn)
+    apply_to_collection(data, Tensor, fn)
 
 
 def _device_of(data: Any) -> torch.device | None:
     found: list[torch.device] = []
     _apply_tensors(data, lambda t: found.append(t.device))
     return found[0] if found else None
-
-
-def _concat(outputs: list[Any]) -> Any:
-    """Concatenate per-micro-batch outputs along dim 0, through tuples, lists and dicts."""
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        if first.dim() == 0:
-            raise PipelineError(
-                "A pipelined model returned a 0-dim tensor, which cannot be concatenated over micro-batches. "
-                "Return per-sample outputs from the stages and reduce (e.g. the loss) after the model."
-            )
-        return torch.cat(outputs, dim=0)
-    if isinstance(first, Mapping):
-        return type(first)({k: _concat([o[k] for o in outputs]) for k in first})  # type: ignore[call-arg]
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(_concat(list(parts)) for parts in zip(*outputs, strict=True)))
-    if isinstance(first, list | tuple):
-        return type(first)(_concat(list(parts)) for parts in zip(*outputs, strict=True))
-    return first
 
 
 # ------------------------------------------------------------------------------------------ installing
@@ -201,15 +179,7 @@ class PipelineHandle:
 
 def stage_owner(root: nn.Module, stages: Sequence[str]) -> str:
     """The module a stage sequence replaces the forward of: the stages' common parent (or the one stage)."""
-    if len(stages) == 1:
-        return stages[0]
-    parts = [s.split(".") for s in stages]
-    common: list[str] = []
-    for level in zip(*parts, strict=False):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
+    return stages[0] if len(stages) == 1 else common_ancestor(stages)
 
 
 def install_pipeline(

@@ -483,7 +483,7 @@ def apply_placement(root: nn.Module, plan: PlacementPlan) -> PlacementHandle:
         for target in targets:
             hook = _inputs_to(plan.devices[entry.position])
             handles.append(target.register_forward_pre_hook(hook, with_kwargs=True))
-    parent = _common_ancestor([e.path for e in plan.entries if not e.own_only])
+    parent = common_ancestor([e.path for e in plan.entries if not e.own_only])
     for path in {"", parent}:
         handles.append(root.get_submodule(path).register_forward_hook(_outputs_to(plan.output_device)))
     return PlacementHandle(handles)
@@ -508,7 +508,8 @@ def _move_free_modules(root: nn.Module, placed: set[str], device: torch.device) 
         visit(name, child)
 
 
-def _common_ancestor(paths: Sequence[str]) -> str:
+def common_ancestor(paths: Sequence[str]) -> str:
+    """The longest dotted prefix of all ``paths`` (``""``: the root)."""
     if not paths:
         return ""
     parts = [p.split(".") for p in paths]
