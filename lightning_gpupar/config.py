@@ -62,14 +62,13 @@ class DDPStrategyConfig(StrategyConfig):
 
 
 @dataclass
-class DDPSplitStrategyConfig(DDPStrategyConfig):
-    """DDP over device groups: each process owns ``devices_per_process`` devices holding one split copy.
+class ModelSplitFields:
+    """How one model copy is split (see :class:`lightning_gpupar.model_split.ModelSplit`).
 
-    The split fields are those of :class:`SplitStrategyConfig`; positions count within a process's group.
+    ``placement`` stays untyped and null by default (null means ``auto``) so that Hydra parses dotted dict
+    keys: ``strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}``.
     """
 
-    devices_per_process: int = 2
-    cpu_fallback: int = 4
     placement: Any = None
     chunks: int = 1
     stages: Any = None
@@ -81,23 +80,22 @@ class DDPSplitStrategyConfig(DDPStrategyConfig):
 
 
 @dataclass
-class SplitStrategyConfig(StrategyConfig):
-    """One model split over devices: see :class:`lightning_gpupar.strategies.split.ModelSplitStrategy`.
-
-    ``placement`` stays untyped and null by default (null means ``auto``) so that Hydra parses dotted dict
-    keys: ``strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}``.
-    """
+class SplitStrategyConfig(ModelSplitFields, StrategyConfig):
+    """One model split over devices: see :class:`lightning_gpupar.strategies.split.ModelSplitStrategy`."""
 
     _target_: Any = "lightning_gpupar.strategies.split.ModelSplitStrategy"
     cpu_fallback: int = 2
-    placement: Any = None
-    chunks: int = 1
-    stages: Any = None
-    default_device: Any = None
-    output_device: Any = None
-    max_memory: Any = None
-    no_split: Any = None
-    checkpoint: Any = None
+
+
+@dataclass
+class DDPSplitStrategyConfig(ModelSplitFields, DDPStrategyConfig):
+    """DDP over device groups: each process owns ``devices_per_process`` devices holding one split copy.
+
+    Placement positions count within a process's group.
+    """
+
+    devices_per_process: int = 2
+    cpu_fallback: int = 4
 
 
 @dataclass
