@@ -36,8 +36,6 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import ParallelStrategy
-from torch import Tensor
 
 from lightning_gpupar.batch import split_batch
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
@@ -51,11 +49,12 @@ from lightning_gpupar.replica_results import (
     replay_logs,
 )
 from lightning_gpupar.replicate import replicate
+from lightning_gpupar.strategies.single_process import SingleProcessStrategy
 
 DeviceLike = torch.device | str | int
 
 
-class DataParallelStrategy(CanonicalCheckpointMixin, ParallelStrategy):
+class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
     """Data parallelism in one process over ``parallel_devices`` (the Trainer's ``devices``).
 
     Checkpoints hold canonical keys and are written atomically (:class:`CanonicalCheckpointMixin`).
@@ -137,44 +136,6 @@ class DataParallelStrategy(CanonicalCheckpointMixin, ParallelStrategy):
         if len(self.devices) == 1 or device is not None:
             return super().batch_to_device(batch, device, dataloader_idx)
         return batch
-
-    # -- one process: collectives are identities ------------------------------------------------------
-
-    @property
-    def global_rank(self) -> int:
-        return 0
-
-    @property
-    def local_rank(self) -> int:
-        return 0
-
-    @property
-    def node_rank(self) -> int:
-        return 0
-
-    @property
-    def world_size(self) -> int:
-        return 1
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": 1, "rank": 0}
-
-    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        """Values are already combined over replicas in this process."""
-        return tensor
-
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        return tensor
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        return decision
 
     # -- steps ----------------------------------------------------------------------------------------
 

@@ -24,20 +24,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.model_split import AppliedSplit, ModelSplit, optimizer_state_to_parameter_devices
 from lightning_gpupar.pipeline import Checkpoint
 from lightning_gpupar.placement import Placement, PlacementPlan
+from lightning_gpupar.strategies.single_process import SingleProcessStrategy
 
 
-class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
+class ModelSplitStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
     """Train one model whose submodules live on different devices of the Trainer's device list.
 
     Args:
@@ -108,11 +106,6 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
         position = output if output is not None else len(self.devices) - 1
         return self.devices[min(position, len(self.devices) - 1)]
 
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": 1, "rank": 0}  # one process sees every sample
-
     # -------------------------------------------------------------------------------- placement
 
     def plan_for(self, module: torch.nn.Module) -> PlacementPlan:
@@ -156,19 +149,3 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, ParallelStrategy):
         if self.applied is not None:
             self.applied.remove()
             self.applied = None
-
-    # ------------------------------------------------------------------- one process: no collectives
-
-    @override
-    def reduce(
-        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
-    ) -> Tensor | Any:
-        return tensor
-
-    @override
-    def barrier(self, name: str | None = None) -> None:
-        pass
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj

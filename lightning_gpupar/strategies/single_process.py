@@ -1,0 +1,52 @@
+"""The base of our one-process strategies (dp, model_split): several devices, no process group.
+
+Lightning's ``ParallelStrategy`` assumes one process per device. Here there is one process in all, so
+ranks are 0, the world has size 1, every sample goes to this process, and collectives are identities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor
+
+
+class SingleProcessStrategy(ParallelStrategy):
+    """A ``ParallelStrategy`` over ``parallel_devices`` driven from one process."""
+
+    @property
+    def global_rank(self) -> int:
+        return 0
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    @property
+    def node_rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": 1, "rank": 0}  # one process sees every sample
+
+    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        """Values are already complete in this one process."""
+        return tensor
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        return tensor
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return decision
