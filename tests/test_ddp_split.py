@@ -107,3 +107,13 @@ def test_a_placement_that_leaves_a_device_unused_is_reported() -> None:
     kwargs = in_process_ddp(devices_per_process=2, placement={"model": 0})
     with pytest.warns(UserWarning, match=r"leaves device position\(s\) \[1\].*unused"):
         pl.Trainer(**QUIET, **kwargs).fit(TinyNet(), DataLoader(make_data(8), batch_size=8))
+
+
+def test_a_gpu_this_node_lacks_is_named_before_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    strategy = DDPStrategy()
+    strategy.parallel_devices = [torch.device("cuda", 3)]
+    with pytest.raises(
+        DDPLaunchError, match=r"should train on cuda:3, but this node sees 2 GPU\(s\) \(ids 0\.\.1\)"
+    ):
+        strategy.setup_environment()
