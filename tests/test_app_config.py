@@ -68,7 +68,9 @@ def test_misspelt_keys_and_wrong_types_fail_at_composition(
 def test_unknown_strategy_lists_the_available_ones(compose_app: Compose) -> None:
     with pytest.raises(Exception, match="nonexistent") as info:
         compose_app("strategy=nonexistent")
-    options = str(info.value).split("Available options in 'strategy':")[1].split("Config search path")[0].split()
+    options = (
+        str(info.value).split("Available options in 'strategy':")[1].split("Config search path")[0].split()
+    )
     assert options == ["ddp", "ddp_split", "dp", "single", "split"]  # schemas live in their own group
 
 
