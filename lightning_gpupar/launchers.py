@@ -77,6 +77,9 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
         """Check the process layout, start this node's other ranks, then run ``function`` here."""
         _retire_previous_job()
         self._check_process_layout()
+        check = getattr(getattr(trainer, "strategy", None), "check_before_launch", None)
+        if check is not None:  # the strategy's own checks that need the model or loaders, before any child
+            check(function, *args)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         except BaseException:

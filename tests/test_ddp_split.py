@@ -6,6 +6,7 @@ test_ddp_equivalence.py and test_ddp_app.py.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -117,3 +118,27 @@ def test_a_gpu_this_node_lacks_is_named_before_the_process_group(monkeypatch: py
         DDPLaunchError, match=r"should train on cuda:3, but this node sees 2 GPU\(s\) \(ids 0\.\.1\)"
     ):
         strategy.setup_environment()
+
+
+@pytest.mark.parametrize(
+    ("split", "batch_size", "message"),
+    [
+        ({"placement": {"model.0-1": 0, "model.head": 1}}, 8, r"model\.head"),
+        ({"chunks": 4}, 3, r"chunks=4 micro-batches.*3 samples"),
+    ],
+)
+def test_two_process_mistakes_fail_before_any_process_starts(
+    split: dict[str, Any], batch_size: int, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[Any] = []
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: started.append(a))  # no child may start
+    environ = dict(os.environ)
+    strategy = DDPStrategy(devices_per_process=2, **split)
+    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, **QUIET)
+    try:
+        with pytest.raises(PlacementError, match=message):
+            trainer.fit(TinyNet(), DataLoader(make_data(12), batch_size=batch_size))
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    assert started == []

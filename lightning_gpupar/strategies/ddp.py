@@ -22,7 +22,7 @@ Where a process's model goes and which devices DDP is told about are Lightning's
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -170,6 +170,18 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
                 f"ddp_split: the placement leaves device position(s) {unused} of each process's group "
                 f"{[str(d) for d in self.device_group]} unused; they hold no part of the model."
             )
+
+    def check_before_launch(
+        self, function: Callable[..., Any], model: Any = None, loaders: Any = None, *_: Any
+    ) -> None:
+        """ddp_split, in the launching process before any other starts: plan rank 0's placement (sizes
+        only, nothing moves), so a missing submodule or an unplaceable map fails now; when fitting, check
+        ``chunks`` against the training loader's per-process batch size."""
+        if not self.is_split or not isinstance(model, torch.nn.Module) or self._all_devices is None:
+            return
+        self.split.plan(model, self._all_devices[: self.devices_per_process])
+        if getattr(function, "__name__", "") == "_fit_impl":
+            self.split.check_batch_size(getattr(loaders, "batch_size", None))
 
     def determine_ddp_device_ids(self) -> list[int] | None:
         """torch's DDP needs ``device_ids=None`` for a module spread over several devices."""
