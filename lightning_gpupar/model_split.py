@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy as _StrategyBase
+else:
+    _StrategyBase = object
 
 from lightning_gpupar.pipeline import Checkpoint, PipelineHandle, install_pipeline
 from lightning_gpupar.placement import (
@@ -130,3 +135,37 @@ def optimizer_state_to_parameter_devices(optimizer: Optimizer) -> None:
         for key, value in state.items():
             if isinstance(value, Tensor) and key != "step":
                 state[key] = value.to(param.device)
+
+
+class SplitStrategyMixin(_StrategyBase):
+    """The strategy side of a :class:`ModelSplit`, shared by ``model_split`` and ``ddp_split``: place and
+    unplace the model, keep optimizer state with its parameters, check the batches against ``chunks``."""
+
+    split: ModelSplit
+    applied: AppliedSplit | None = None
+
+    def _place(self, module: nn.Module, devices: Sequence[torch.device], title: str) -> AppliedSplit:
+        self._unplace()
+        self.applied = self.split.apply(module, devices, title)
+        return self.applied
+
+    def _unplace(self) -> None:
+        if self.applied is not None:
+            self.applied.remove()
+            self.applied = None
+
+    def _optimizer_state_to_parameters(self) -> None:
+        """Undo Lightning's move of all optimizer state to ``root_device``."""
+        for optimizer in self.optimizers:
+            optimizer_state_to_parameter_devices(optimizer)
+
+    def _load_optimizer_states(self, checkpoint: Mapping[str, Any]) -> None:
+        """torch's ``Optimizer.load_state_dict`` already puts each state on its parameter's device."""
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            optimizer.load_state_dict(state)
+
+    def _check_train_batches(self) -> None:
+        """Fail before the first step if the training batches are smaller than ``chunks``."""
+        module = self.lightning_module
+        loader = module.trainer.train_dataloader if module is not None else None
+        self.split.check_batch_size(getattr(loader, "batch_size", None))

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.launchers import DDPLaunchError, HydraAwareScriptLauncher
-from lightning_gpupar.model_split import AppliedSplit, ModelSplit, optimizer_state_to_parameter_devices
+from lightning_gpupar.model_split import ModelSplit, SplitStrategyMixin
 from lightning_gpupar.pipeline import Checkpoint
 from lightning_gpupar.placement import Placement
 
@@ -46,7 +46,7 @@ StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 DEFAULT_TIMEOUT_S = 1800.0
 
 
-class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
+class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStrategy):
     """One process per device, Lightning's DDP underneath; construct it from a config or by hand.
 
     Args:
@@ -98,7 +98,6 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         self.split = ModelSplit(
             placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
         )
-        self.applied: AppliedSplit | None = None
         self._all_devices: list[torch.device] | None = None
         self._check_group_positions()
         super().__init__(
@@ -160,11 +159,8 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
             super().model_to_device()
             return
         assert self.model is not None
-        self._remove_split()
-        self.applied = self.split.apply(self.model, self.device_group, f"ddp_split rank {self.global_rank}")
-        unused = sorted(
-            set(range(self.devices_per_process)) - {e.position for e in self.applied.plan.entries}
-        )
+        applied = self._place(self.model, self.device_group, f"ddp_split rank {self.global_rank}")
+        unused = sorted(set(range(self.devices_per_process)) - {e.position for e in applied.plan.entries})
         if unused:
             rank_zero_warn(
                 f"ddp_split: the placement leaves device position(s) {unused} of each process's group "
@@ -190,30 +186,21 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if self.is_split and trainer.state.fn == TrainerFn.FITTING:
-            for optimizer in self.optimizers:  # Lightning moved the state to root_device
-                optimizer_state_to_parameter_devices(optimizer)
+            self._optimizer_state_to_parameters()
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if not self.is_split:
+        if self.is_split:
+            self._load_optimizer_states(checkpoint)
+        else:
             super().load_optimizer_state_dict(checkpoint)
-            return
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            optimizer.load_state_dict(state)  # torch puts each state on its parameter's device
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        module = self.lightning_module
-        loader = module.trainer.train_dataloader if module is not None else None
-        self.split.check_batch_size(getattr(loader, "batch_size", None))
+        self._check_train_batches()
 
     def teardown(self) -> None:
-        self._remove_split()
+        self._unplace()
         super().teardown()
-
-    def _remove_split(self) -> None:
-        if self.applied is not None:
-            self.applied.remove()
-            self.applied = None
 
     def _check_group_positions(self) -> None:
         """Positions are relative to a process's group: one >= k would cross into another process."""

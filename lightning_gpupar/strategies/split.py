@@ -29,13 +29,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
-from lightning_gpupar.model_split import AppliedSplit, ModelSplit, optimizer_state_to_parameter_devices
+from lightning_gpupar.model_split import ModelSplit, SplitStrategyMixin
 from lightning_gpupar.pipeline import Checkpoint
 from lightning_gpupar.placement import Placement, PlacementPlan
 from lightning_gpupar.strategies.single_process import SingleProcessStrategy
 
 
-class ModelSplitStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
+class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SingleProcessStrategy):
     """Train one model whose submodules live on different devices of the Trainer's device list.
 
     Args:
@@ -79,7 +79,6 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         self.split = ModelSplit(
             placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
         )
-        self.applied: AppliedSplit | None = None
 
     @property
     def placement(self) -> Placement:
@@ -115,37 +114,24 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
     @override
     def model_to_device(self) -> None:
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
-        module = self.lightning_module
-        assert module is not None
-        self._remove_split()
-        self.applied = self.split.apply(module, self.devices, "ModelSplitStrategy")
+        assert self.lightning_module is not None
+        self._place(self.lightning_module, self.devices, "ModelSplitStrategy")
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
-            for optimizer in self.optimizers:
-                optimizer_state_to_parameter_devices(optimizer)
+            self._optimizer_state_to_parameters()
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """torch's ``Optimizer.load_state_dict`` already puts each state on its parameter's device."""
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            optimizer.load_state_dict(state)
+        self._load_optimizer_states(checkpoint)
 
     @override
     def on_train_start(self) -> None:
-        """Fail before the first step if the batches are smaller than ``chunks``."""
-        module = self.lightning_module
-        loader = module.trainer.train_dataloader if module is not None else None
-        self.split.check_batch_size(getattr(loader, "batch_size", None))
+        self._check_train_batches()
 
     @override
     def teardown(self) -> None:
-        self._remove_split()
+        self._unplace()
         super().teardown()
-
-    def _remove_split(self) -> None:
-        if self.applied is not None:
-            self.applied.remove()
-            self.applied = None
