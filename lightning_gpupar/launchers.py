@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
+import re
 import socket
 import subprocess
 import sys
@@ -156,11 +156,17 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
                 )
 
     def _kill_children(self) -> None:
-        """Kill this node's other ranks (they may be blocked in a collective) and reap them."""
-        for proc in self.procs:
+        """Kill this node's other ranks (they may be blocked in a collective) and reap them.
+
+        They leave ``self.procs`` first: Lightning's process observer polls that very list, and on a
+        child's non-zero exit it SIGKILLs this process too, which would cut short rank 0's own error.
+        """
+        procs = list(self.procs)
+        self.procs.clear()
+        for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-        for proc in self.procs:
+                proc.kill()
+        for proc in procs:
             proc.wait(timeout=CHILD_EXIT_GRACE_S)
 
 
@@ -241,8 +247,9 @@ def _config_flags(argv: Sequence[str]) -> list[str]:
 
 
 def _quote(value: str) -> str:
-    """A Hydra override value that survives any path: single-quoted, with ``\\`` and ``'`` escaped."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A Hydra override value that survives any path: single-quoted, ``'`` escaped, and backslashes doubled
+    only where Hydra's grammar un-escapes them (before a quote or at the end)."""
+    return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
 
 
 def _hydra_initialized() -> bool:
@@ -267,7 +274,9 @@ def _retire_previous_job() -> None:
     previous = _previous_launch
     if previous is None or previous.job_dir is None or previous.job_dir == _hydra_job_dir():
         return
-    for proc in previous.procs:
+    procs = list(previous.procs)
+    previous.procs.clear()  # out of the process observer's sight before any is killed (see _kill_children)
+    for proc in procs:
         try:
             proc.wait(timeout=CHILD_EXIT_GRACE_S)
         except subprocess.TimeoutExpired:

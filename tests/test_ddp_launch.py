@@ -16,7 +16,8 @@ from omegaconf import open_dict
 
 import lightning_gpupar
 from examples.schema import register_app_configs
-from lightning_gpupar.launchers import child_command
+from lightning_gpupar.launchers import _quote, child_command
+from tests.ddp_programs import python, run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train.py")
@@ -84,3 +85,16 @@ def test_without_hydra_the_child_reruns_argv() -> None:
 def test_lightnings_ddp_name_is_left_alone() -> None:
     assert lightning_gpupar.DDPStrategy is not LightningDDPStrategy
     assert StrategyRegistry["ddp"]["strategy"] is LightningDDPStrategy
+
+
+@pytest.mark.slow
+def test_rank_zero_outlives_the_children_it_kills(tmp_path: Path) -> None:
+    finished = run_bounded(python("rank0_fails_with_a_child.py"), timeout=60, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "caught: rank 0 failed" in finished.stdout and "survived" in finished.stdout
+
+
+@pytest.mark.parametrize("directory", [r"C:\runs\one", "/a\\b", "/x/it's", "/ends/with\\", "/plain/dir"])
+def test_run_directories_reach_the_child_unchanged(directory: str) -> None:
+    override = OverridesParser.create().parse_override(f"hydra.run.dir={_quote(directory)}")
+    assert override.value() == directory
