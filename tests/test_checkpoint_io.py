@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import subprocess
@@ -141,3 +142,24 @@ def test_a_checkpoint_saved_on_cuda3_loads_on_cpu(tmp_path: Path, save_as_cuda3:
     for loaded in (load_checkpoint_file(path), AtomicCheckpointIO().load_checkpoint(path)):
         torch.testing.assert_close(loaded["state_dict"]["w"], torch.arange(4.0))
         assert loaded["state_dict"]["w"].device.type == "cpu"
+
+
+def test_file_urls_are_written_and_read_where_they_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    io = AtomicCheckpointIO()
+    url = f"file://{tmp_path}/out/a.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, url)
+    assert (tmp_path / "out" / "a.ckpt").is_file()
+    assert not (tmp_path / "file:").exists()
+    assert torch.equal(io.load_checkpoint(url)["state_dict"]["w"], torch.ones(2))
+
+
+def test_new_checkpoints_honour_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o077)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "private.ckpt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "private.ckpt").stat().st_mode & 0o777 == 0o600

@@ -53,7 +53,7 @@ def atomic_write(path: _PATH, write: Callable[[Any], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -100,7 +100,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r}).")
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, _local_path(path))
 
     @override
     def load_checkpoint(
@@ -111,12 +111,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if not _is_local(path):
             return super().load_checkpoint(path, map_location, weights_only)
-        checkpoint: dict[str, Any] = load_checkpoint_file(path, map_location, weights_only is not False)
+        checkpoint: dict[str, Any] = load_checkpoint_file(
+            _local_path(path), map_location, weights_only is not False
+        )
         return checkpoint
 
 
 def _is_local(path: _PATH) -> bool:
     return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def _local_path(path: _PATH) -> str:
+    """A local path without its ``file://`` protocol (``Path`` would keep ``file:`` as a folder name)."""
+    return str(LocalFileSystem._strip_protocol(str(path)))
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _unsafe_message(file: Path) -> str:
