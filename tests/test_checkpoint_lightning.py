@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpupar import NormalizeCheckpointKeys
 from lightning_gpupar.checkpoint import (
@@ -107,3 +109,38 @@ def test_a_file_without_state_dict_is_a_clear_error(tmp_path: Path) -> None:
     trainer = pl.Trainer(**quiet_trainer_kwargs(tmp_path), max_epochs=1, strategy=strategy)
     with pytest.raises(CheckpointError, match="no 'state_dict' entry"):
         trainer.fit(TinyModule(), loader(), ckpt_path=tmp_path / "plain.pt")
+
+
+class Renamed(pl.LightningModule):
+    """Its old checkpoints called ``encoder`` ``enc``; on_load_checkpoint migrates them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.encoder(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("enc.")]:
+            state["encoder." + key.removeprefix("enc.")] = state.pop(key)
+
+
+def test_callback_leaves_the_modules_own_key_migration_room(tmp_path: Path) -> None:
+    data = DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+    options: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(max_steps=1, enable_checkpointing=False, **options)
+    trainer.fit(Renamed(), data)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    old = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    old["state_dict"] = {k.replace("encoder.", "enc."): v for k, v in old["state_dict"].items()}
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = Renamed()
+    pl.Trainer(max_steps=2, callbacks=[NormalizeCheckpointKeys()], enable_checkpointing=False, **options).fit(
+        resumed, data, ckpt_path=tmp_path / "old.ckpt"
+    )
+    assert resumed.trainer.global_step == 2

@@ -111,9 +111,12 @@ class _NormalizingCheckpointIO(CheckpointIO):
             kwargs["map_location"] = map_location
         checkpoint = self.inner.load_checkpoint(path, **kwargs)
         state_dict = _state_dict_of(checkpoint, path)
-        checkpoint["state_dict"], report = remap_state_dict(
-            self.module, state_dict, strict=self.module.strict_loading
-        )
+        # Not strict here: the module's on_load_checkpoint may still migrate keys, and Lightning's own
+        # load_state_dict (strict_loading) judges the result. Keys we cannot place stay as they were.
+        renamed, report = remap_state_dict(self.module, state_dict, strict=False)
+        for key in report.unexpected:
+            renamed[key] = state_dict[key]
+        checkpoint["state_dict"] = renamed
         log.debug("Checkpoint %s renamed to the module's keys: %s", path, report)
         return checkpoint
 
