@@ -144,3 +144,38 @@ def test_callback_leaves_the_modules_own_key_migration_room(tmp_path: Path) -> N
         resumed, data, ckpt_path=tmp_path / "old.ckpt"
     )
     assert resumed.trainer.global_step == 2
+
+
+class LoneModule(pl.LightningModule):
+    """Its only child is an attribute named ``module``: a name, not a wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = torch.nn.DataParallel(torch.nn.Linear(2, 1))  # a real wrapper inside, too
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.module(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"strategy": "dp", "devices": 2}, {"devices": 1, "callbacks": [NormalizeCheckpointKeys()]}],
+    ids=["mixin", "callback"],
+)
+def test_saving_removes_real_wrappers_only(tmp_path: Path, options: dict[str, Any]) -> None:
+    data = DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        **options,
+    )
+    trainer.fit(LoneModule(), data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    keys = list(torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"])
+    assert keys == ["module.weight", "module.bias"]  # the attribute stays, DataParallel's `module.` goes

@@ -1,8 +1,11 @@
 """Canonical state-dict keys: the wrapper segments that DataParallel, DDP, torch.compile and Fabric add.
 
-A segment counts as a wrapper only where every key below that point goes through wrapper segments
-(the wrappers own no parameters of their own), so a user's attribute that happens to be called
-``module`` next to other attributes is left alone.
+From keys alone, a segment counts as a wrapper only where every key below that point goes through
+wrapper segments (the wrappers own no parameters of their own), so a user's attribute that happens to be
+called ``module`` next to other attributes is left alone. When the module that produced the state dict is
+at hand (saving), the wrappers are read off the module itself instead: only the inner attribute of a real
+DataParallel, DDP, ``torch.compile`` or Fabric wrapper is removed, so even a lone attribute named
+``module`` keeps its name.
 """
 
 from __future__ import annotations
@@ -25,10 +28,33 @@ class KeyCollisionError(CheckpointError, ValueError):
     """Two different values would land on the same canonical key."""
 
 
-class KeyTree:
-    """The tree of dotted keys, answering which segments of a path are wrapper segments."""
+def wrapper_paths(module: torch.nn.Module) -> frozenset[str]:
+    """Dotted paths of the attributes through which wrappers inside ``module`` hold what they wrap."""
+    from lightning.fabric.wrappers import _FabricModule
+    from torch._dynamo.eval_frame import OptimizedModule
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    inner = {
+        torch.nn.DataParallel: ("module",),
+        torch.nn.parallel.DistributedDataParallel: ("module",),
+        OptimizedModule: ("_orig_mod",),
+        _FabricModule: ("_forward_module", "_original_module"),
+    }
+    paths: set[str] = set()
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for kind, attrs in inner.items():
+            if isinstance(sub, kind):
+                paths.update(f"{path}.{a}" if path else a for a in attrs)
+    return frozenset(paths)
+
+
+class KeyTree:
+    """The tree of dotted keys, answering which segments of a path are wrapper segments.
+
+    With ``wrappers`` (from :func:`wrapper_paths`), exactly those paths are wrapper segments.
+    """
+
+    def __init__(self, keys: Iterable[str], wrappers: frozenset[str] | None = None) -> None:
+        self._wrappers = wrappers
         self._children: dict[tuple[str, ...], set[str]] = defaultdict(set)
         for key in keys:
             segments = key.split(".")
@@ -45,6 +71,8 @@ class KeyTree:
         return ".".join(kept)
 
     def _is_wrapper(self, segments: list[str], i: int) -> bool:
+        if self._wrappers is not None:
+            return ".".join(segments[: i + 1]) in self._wrappers
         if segments[i] not in WRAPPER_SEGMENTS:
             return False
         siblings = self._children.get(tuple(segments[:i]), {segments[i]})
@@ -58,13 +86,17 @@ def canonical_names(keys: Iterable[str]) -> dict[str, str]:
     return {key: tree.canonical(key) for key in keys}
 
 
-def normalize_state_dict(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
+def normalize_state_dict(
+    state_dict: Mapping[str, Any], module: torch.nn.Module | None = None
+) -> OrderedDict[str, Any]:
     """A new state dict with canonical keys and a matching ``_metadata``; the input is not changed.
+
+    Pass the ``module`` the state dict came from, when at hand, to read its wrappers off the module.
 
     Raises :class:`KeyCollisionError` when two different values would share a key (the same tensor
     reached through two wrapper paths, as in Fabric's module, is kept once).
     """
-    tree = KeyTree(state_dict.keys())
+    tree = KeyTree(state_dict.keys(), None if module is None else wrapper_paths(module))
     out: OrderedDict[str, Any] = OrderedDict()
     sources: dict[str, list[str]] = defaultdict(list)
     clashes: set[str] = set()

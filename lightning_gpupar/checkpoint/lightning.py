@@ -62,7 +62,7 @@ class CanonicalCheckpointMixin(_Base):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        return normalize_state_dict(super().lightning_module_state_dict())
+        return normalize_state_dict(super().lightning_module_state_dict(), self.lightning_module)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -99,7 +99,8 @@ class _NormalizingCheckpointIO(CheckpointIO):
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
         if "state_dict" in checkpoint:
-            checkpoint = {**checkpoint, "state_dict": normalize_state_dict(checkpoint["state_dict"])}
+            state_dict = normalize_state_dict(checkpoint["state_dict"], self.module)
+            checkpoint = {**checkpoint, "state_dict": state_dict}
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     @override
