@@ -22,6 +22,14 @@ from lightning_gpupar.placement import PlacementError
 from tests.conftest import requires_cuda
 
 MAP = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
+#: The command line of the issue, exactly as written there.
+ISSUE_OVERRIDES = (
+    "strategy=split",
+    "strategy.device_ids=[0,1]",
+    "strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}",
+    "strategy.chunks=4",
+    "model=transformer",
+)
 
 
 class TokenNet(pl.LightningModule):
@@ -166,11 +174,7 @@ def test_split_checkpoint_loads_unsplit_and_under_another_placement(tmp_path: Pa
 
 def test_hydra_split_config_with_dotted_placement_keys(compose_app: Callable[..., DictConfig]) -> None:
     cfg = compose_app(
-        "strategy=split",
-        "strategy.device_ids=[0,1]",
-        "strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}",
-        "strategy.chunks=4",
-        "model=transformer",
+        *ISSUE_OVERRIDES,
         "trainer.accelerator=cpu",
     )
     trainer = build_trainer(cfg, logger=False)
@@ -189,11 +193,7 @@ def test_the_transformer_example_trains_split_and_pipelined(
     from examples.train import train
 
     cfg = compose_app(
-        "strategy=split",
-        "strategy.device_ids=[0,1]",
-        "strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}",
-        "strategy.chunks=4",
-        "model=transformer",
+        *ISSUE_OVERRIDES,
         "model.d_model=32",
         "trainer.accelerator=cpu",
         "trainer.max_epochs=1",
