@@ -60,6 +60,8 @@ def merge_metrics(pairs: Sequence[tuple[Metric, list[Metric]]], logged: set[int]
         if not updated:
             continue
         _check_mergeable(root_metric)
+        for copy in updated:  # copies live on their replica's device; torchmetrics merges without moving
+            copy.to(root_metric.device)
         for copy in updated:
             root_metric._update_count += copy.update_count
             root_metric.merge_state(copy)

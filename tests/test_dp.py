@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_gpupar import DataParallelStrategy
 from lightning_gpupar.batch import BatchSplitError
+from lightning_gpupar.replica_results import merge_metrics
 from tests.equivalence import ProbeNet, TinyNet, assert_same, make_data, run
 
 
@@ -344,3 +346,25 @@ def test_test_epoch_metrics_equal_single_device(devices: int) -> None:
     assert single.keys() == parallel.keys() == {"test_loss", "test_acc", "test_auroc"}
     for key, value in single.items():
         assert parallel[key] == pytest.approx(value, rel=1e-6), key
+
+
+# -- merging replica metrics into the root ------------------------------------------------------------------
+
+
+def test_replica_metric_states_move_to_the_root_metrics_device_before_merging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, copy = SumMetric(), SumMetric()
+    copy.update(torch.tensor(2.0))
+    copy._device = torch.device("cpu", 1)  # tagged as living elsewhere, as a copy on another GPU would
+    incoming_devices: list[torch.device] = []
+    merge = SumMetric.merge_state
+
+    def spy(self: SumMetric, incoming: Any) -> None:
+        incoming_devices.append(incoming.device)
+        merge(self, incoming)
+
+    monkeypatch.setattr(SumMetric, "merge_state", spy)
+    merge_metrics([(root, [copy])], logged={id(copy)})
+    assert incoming_devices and set(incoming_devices) == {root.device}
+    assert float(root.compute()) == 2.0

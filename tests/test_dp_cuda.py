@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from tests.conftest import requires_cuda
-from tests.equivalence import ProbeNet, TinyNet, assert_same, run
+from tests.equivalence import ProbeNet, TinyNet, assert_same, make_data, run
+from tests.test_dp import LoggingNet, TestedNet
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -44,3 +47,25 @@ def test_autocast_reaches_every_gpu_replica(precision: str) -> None:
     assert len(module.seen) == 2
     assert all(autocast and dtype == expected for _, _, autocast, dtype in module.seen)
     assert {device for _, device, _, _ in module.seen} == {torch.device("cuda", 0), torch.device("cuda", 1)}
+
+
+def test_metrics_updated_on_two_gpus_merge_and_equal_single_device() -> None:
+    kwargs = dict(batch_size=7, n=35, max_steps=-1, max_epochs=1, limit_val_batches=None)
+    single = run(LoggingNet(), devices=1, **kwargs)  # type: ignore[arg-type]
+    parallel = run(LoggingNet(), **cuda_dp(2), **kwargs)  # type: ignore[arg-type]
+    assert parallel.metrics["count"] == single.metrics["count"] == 7
+    for key in ("acc_step", "train_acc", "loss_mean", "largest", "smallest", "val_acc", "val_loss"):
+        assert parallel.metrics[key] == pytest.approx(single.metrics[key], rel=1e-10), key
+
+
+def test_test_epoch_metrics_on_two_gpus_equal_single_device() -> None:
+    loader = DataLoader(make_data(40), batch_size=7)
+    results = []
+    for kwargs in ({"accelerator": "cpu", "devices": 1}, cuda_dp(2)):
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, **kwargs)
+        (metrics,) = trainer.test(TestedNet(), loader, verbose=False)
+        results.append(metrics)
+    single, parallel = results
+    assert single.keys() == parallel.keys() == {"test_loss", "test_acc", "test_auroc"}
+    for key, value in single.items():
+        assert parallel[key] == pytest.approx(value, rel=1e-6), key
