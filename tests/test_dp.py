@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -368,3 +369,58 @@ def test_replica_metric_states_move_to_the_root_metrics_device_before_merging(
     merge_metrics([(root, [copy])], logged={id(copy)})
     assert incoming_devices and set(incoming_devices) == {root.device}
     assert float(root.compute()) == 2.0
+
+
+# -- outputs that are not plain tensors ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Decoded:
+    logits: Tensor
+    words: list[str]
+    tokens: list[Tensor]
+    model: str = "tiny"
+
+
+class DecodingNet(TinyNet):
+    """predict_step returns a dataclass of per-sample tensors, strings and variable-length tensors."""
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Decoded:
+        x, y = batch
+        return Decoded(
+            logits=self(x),
+            words=[f"{float(v):.4f}" for v in x[:, 0]],
+            tokens=[torch.arange(int(label) + 1) for label in y],
+        )
+
+
+def decode(n: int, batch_size: int, **trainer_kwargs: Any) -> list[Decoded]:
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **trainer_kwargs)
+    out = trainer.predict(DecodingNet(), DataLoader(make_data(n), batch_size=batch_size))
+    assert out is not None
+    return out  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("devices", "batch_size"), [(3, 7), (2, 8)])  # uneven 3, 2, 2 and even 4, 4
+def test_predict_returns_dataclasses_of_strings_and_ragged_tensors(devices: int, batch_size: int) -> None:
+    single = decode(2 * batch_size + 1, batch_size, devices=1)
+    parallel = decode(2 * batch_size + 1, batch_size, **dp(devices))
+    assert len(parallel) == len(single) == 3
+    for p, s in zip(parallel, single, strict=True):
+        assert isinstance(p, Decoded) and p.model == "tiny"
+        assert p.words == s.words and len(p.words) == len(s.logits)
+        torch.testing.assert_close(p.logits, s.logits, rtol=1e-10, atol=1e-12)
+        assert [t.tolist() for t in p.tokens] == [t.tolist() for t in s.tokens]
+
+
+def test_predict_returning_a_list_of_strings_keeps_every_sample() -> None:
+    class Net(TinyNet):
+        def predict_step(self, batch: Any, batch_idx: int) -> list[str]:
+            return [f"{float(v):.4f}" for v in batch[0][:, 0]]
+
+    loader = DataLoader(make_data(7), batch_size=7)
+    results = []
+    for kwargs in ({"devices": 1}, dp(3)):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **kwargs)
+        results.append(trainer.predict(Net(), loader))
+    assert results[1] == results[0] and len(results[0][0]) == 7  # type: ignore[index]
