@@ -50,10 +50,10 @@ def metric_pairs(
 
 
 def merge_metrics(pairs: Sequence[tuple[Metric, list[Metric]]], logged: set[int]) -> None:
-    """Merge replica metric states into the root metrics.
+    """Merge replica metric states into the root metrics, in sample order: root's, then shard 0, 1, ...
 
     Root metrics whose replica copies were logged (``logged`` holds the copies' ids) also get the whole
-    batch's step value, which Lightning reads for ``on_step`` logging.
+    batch's step value, which Lightning reads for ``on_step`` logging. The copies are consumed.
     """
     for root_metric, copies in pairs:
         updated = [c for c in copies if c.update_count > 0]
@@ -62,16 +62,24 @@ def merge_metrics(pairs: Sequence[tuple[Metric, list[Metric]]], logged: set[int]
         _check_mergeable(root_metric)
         for copy in updated:  # copies live on their replica's device; torchmetrics merges without moving
             copy.to(root_metric.device)
-        for copy in updated:
-            root_metric._update_count += copy.update_count
-            root_metric.merge_state(copy)
-        root_metric._computed = None
+        step = _merge_in_order(updated)
         if any(id(c) in logged for c in copies):
-            step = updated[0].clone()
-            for copy in updated[1:]:
-                step._update_count += copy.update_count
-                step.merge_state(copy)
             root_metric._forward_cache = step.compute()
+        if root_metric.update_count > 0:
+            step = _merge_in_order([root_metric, step])
+        for attr in root_metric._defaults:
+            setattr(root_metric, attr, getattr(step, attr))
+        root_metric._update_count = step.update_count
+        root_metric._computed = None
+
+
+def _merge_in_order(metrics: Sequence[Metric]) -> Metric:
+    """The last metric, holding every metric's state in order (``merge_state`` puts the incoming first)."""
+    merged = metrics[-1]
+    for metric in reversed(metrics[:-1]):
+        merged._update_count += metric.update_count
+        merged.merge_state(metric)
+    return merged
 
 
 def replay_logs(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.aggregation import SumMetric
+from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_gpupar import DataParallelStrategy
@@ -355,20 +355,23 @@ def test_test_epoch_metrics_equal_single_device(devices: int) -> None:
 def test_replica_metric_states_move_to_the_root_metrics_device_before_merging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    root, copy = SumMetric(), SumMetric()
-    copy.update(torch.tensor(2.0))
-    copy._device = torch.device("cpu", 1)  # tagged as living elsewhere, as a copy on another GPU would
-    incoming_devices: list[torch.device] = []
+    root, copies = SumMetric(), [SumMetric(), SumMetric()]
+    root.update(torch.tensor(1.0))
+    for index, copy in enumerate(copies, start=1):
+        copy.update(torch.tensor(float(index + 1)))
+        copy._device = torch.device("cpu", index)  # tagged as living elsewhere, as a copy on another GPU
+    merged_devices: list[tuple[torch.device, torch.device]] = []
     merge = SumMetric.merge_state
 
     def spy(self: SumMetric, incoming: Any) -> None:
-        incoming_devices.append(incoming.device)
+        merged_devices.append((self.device, incoming.device))
         merge(self, incoming)
 
     monkeypatch.setattr(SumMetric, "merge_state", spy)
-    merge_metrics([(root, [copy])], logged={id(copy)})
-    assert incoming_devices and set(incoming_devices) == {root.device}
-    assert float(root.compute()) == 2.0
+    merge_metrics([(root, copies)], logged={id(copies[0])})
+    assert len(merged_devices) == 2
+    assert all(pair == (root.device, root.device) for pair in merged_devices), merged_devices
+    assert float(root.compute()) == 6.0 and float(root._forward_cache) == 5.0  # type: ignore[arg-type]
 
 
 # -- outputs that are not plain tensors ---------------------------------------------------------------------
@@ -424,3 +427,30 @@ def test_predict_returning_a_list_of_strings_keeps_every_sample() -> None:
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **kwargs)
         results.append(trainer.predict(Net(), loader))
     assert results[1] == results[0] and len(results[0][0]) == 7  # type: ignore[index]
+
+
+class CollectingNet(TinyNet):
+    """Collects every test sample's first feature in a CatMetric: its order is the samples' order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = CatMetric()
+        self.collected: Tensor | None = None
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.seen.update(batch[0][:, 0])
+
+    def on_test_epoch_end(self) -> None:
+        self.collected = self.seen.compute()
+
+
+def test_merged_metric_states_keep_the_single_device_sample_order() -> None:
+    collected = []
+    for kwargs in ({"devices": 1}, dp(3)):
+        module = CollectingNet()
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **kwargs)
+        trainer.test(module, DataLoader(make_data(21), batch_size=7), verbose=False)  # 3 steps of 3, 2, 2
+        collected.append(module.collected)
+    single, parallel = collected
+    assert single is not None and parallel is not None and single.shape == (21,)
+    assert torch.equal(parallel, single)
