@@ -19,11 +19,33 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_gpupar import DataParallelStrategy
 from lightning_gpupar.batch import BatchSplitError
 from lightning_gpupar.replica_results import merge_metrics
+from tests.conftest import requires_cuda
 from tests.equivalence import ProbeNet, TinyNet, assert_same, make_data, run
 
 
 def dp(devices: int, **kwargs: Any) -> dict[str, Any]:
     return {"strategy": "dp", "devices": devices, **kwargs}
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
+def device_type(request: pytest.FixtureRequest) -> str:
+    """The replicas' device type: tests taking this fixture run on CPU replicas and again on CUDA."""
+    return str(request.param)
+
+
+def dp_on(device_type: str, n: int) -> dict[str, Any]:
+    """Trainer arguments for ``n`` dp replicas on ``device_type``.
+
+    On CUDA with fewer than ``n`` GPUs, replicas share GPUs (``[cuda:0, cuda:0]``): the same path as
+    several CPU replicas, since the copy primitives use torch's broadcast only for distinct GPUs.
+    """
+    if device_type == "cpu":
+        return dp(n, accelerator="cpu")
+    count = torch.cuda.device_count()
+    if count >= n:
+        return {"accelerator": "gpu", "strategy": "dp", "devices": list(range(n))}
+    shared = [torch.device("cuda", i % count) for i in range(n)]
+    return {"accelerator": "gpu", "strategy": DataParallelStrategy(parallel_devices=shared)}
 
 
 def test_importing_registers_dp() -> None:
@@ -47,9 +69,11 @@ def test_importing_registers_dp() -> None:
         (2, 5, 21),  # last batch of 1 sample: one replica
     ],
 )
-def test_loss_gradients_and_weights_equal_single_device(devices: int, batch_size: int, n: int) -> None:
+def test_loss_gradients_and_weights_equal_single_device(
+    device_type: str, devices: int, batch_size: int, n: int
+) -> None:
     single = run(batch_size=batch_size, n=n, max_steps=4, devices=1)
-    parallel = run(batch_size=batch_size, n=n, max_steps=4, **dp(devices))
+    parallel = run(batch_size=batch_size, n=n, max_steps=4, **dp_on(device_type, devices))
     assert len(parallel.losses) == len(single.losses) == 4
     torch.testing.assert_close(parallel.losses, single.losses, rtol=1e-10, atol=0)
     for g_single, g_parallel in zip(single.grads, parallel.grads, strict=True):
@@ -74,9 +98,9 @@ def test_logged_epoch_metrics_equal_single_device() -> None:
         assert parallel.metrics[key] == pytest.approx(value, rel=1e-10), key
 
 
-def test_predictions_come_back_in_the_original_order() -> None:
+def test_predictions_come_back_in_the_original_order(device_type: str) -> None:
     single = run(batch_size=7, n=30, max_steps=1, predict=True, devices=1)
-    parallel = run(batch_size=7, n=30, max_steps=1, predict=True, **dp(3))
+    parallel = run(batch_size=7, n=30, max_steps=1, predict=True, **dp_on(device_type, 3))
     assert parallel.predictions is not None and single.predictions is not None
     assert parallel.predictions.shape == (30, 3)
     torch.testing.assert_close(parallel.predictions, single.predictions, rtol=1e-10, atol=1e-12)
@@ -121,11 +145,11 @@ class LoggingNet(TinyNet):
         self.log("val_loss", F.cross_entropy(logits, y))
 
 
-def test_values_and_metrics_logged_in_replicas_equal_single_device() -> None:
+def test_values_and_metrics_logged_in_replicas_equal_single_device(device_type: str) -> None:
     kwargs = dict(batch_size=7, n=35, max_steps=-1, max_epochs=1, limit_val_batches=None)
     single = run(LoggingNet(), devices=1, **kwargs)  # type: ignore[arg-type]
     module = LoggingNet()
-    parallel = run(module, **dp(3), **kwargs)  # type: ignore[arg-type]
+    parallel = run(module, **dp_on(device_type, 3), **kwargs)  # type: ignore[arg-type]
     # the last training batch has 35 - 4*7 = 7 samples: "count" sums the shards back to the batch size
     assert parallel.metrics["count"] == single.metrics["count"] == 7
     for key in ("acc_step", "train_acc", "loss_mean", "largest", "smallest", "val_acc", "val_loss"):
@@ -199,10 +223,10 @@ class BatchNormNet(TinyNet):
         return super().training_step(batch, batch_idx)
 
 
-def test_batchnorm_keeps_the_first_replicas_running_statistics() -> None:
+def test_batchnorm_keeps_the_first_replicas_running_statistics(device_type: str) -> None:
     module = BatchNormNet()
     reference = BatchNormNet()
-    run(module, batch_size=8, max_steps=1, **dp(2))
+    run(module, batch_size=8, max_steps=1, **dp_on(device_type, 2))
     x = make_data(64).tensors[0][:8]
     reference.model[1](reference.model[0](x[:4]))  # the first replica's shard
     torch.testing.assert_close(module.model[1].running_mean, reference.model[1].running_mean)
@@ -235,7 +259,7 @@ class ManualNet(TinyNet):
         loss = F.cross_entropy(self(x), y)
         optimizer.zero_grad()  # type: ignore[union-attr]
         self.manual_backward(loss)
-        self.grads.append({k: p.grad.detach().clone() for k, p in self.named_parameters()})  # type: ignore[union-attr]
+        self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})  # type: ignore[union-attr]
         optimizer.step()  # type: ignore[union-attr]
         self.losses.append(float(loss))
         return loss
@@ -244,10 +268,10 @@ class ManualNet(TinyNet):
         pass
 
 
-def test_manual_optimization_equals_single_device_with_a_data_parallel_forward() -> None:
+def test_manual_optimization_equals_single_device_with_a_data_parallel_forward(device_type: str) -> None:
     single = run(ManualNet(), batch_size=7, n=35, max_steps=3, devices=1)
     module = ManualNet()
-    parallel = run(module, batch_size=7, n=35, max_steps=3, **dp(3))
+    parallel = run(module, batch_size=7, n=35, max_steps=3, **dp_on(device_type, 3))
     torch.testing.assert_close(parallel.losses, single.losses, rtol=1e-10, atol=0)
     for g_single, g_parallel in zip(single.grads, parallel.grads, strict=True):
         assert_same(g_parallel, g_single)
@@ -336,11 +360,11 @@ class TestedNet(TinyNet):
 
 
 @pytest.mark.parametrize("devices", [2, 3])
-def test_test_epoch_metrics_equal_single_device(devices: int) -> None:
+def test_test_epoch_metrics_equal_single_device(device_type: str, devices: int) -> None:
     loader = DataLoader(make_data(40), batch_size=7)
     results = []
-    for kwargs in ({"devices": 1}, dp(devices)):
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **kwargs)
+    for kwargs in ({"accelerator": "cpu", "devices": 1}, dp_on(device_type, devices)):
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, **kwargs)
         (metrics,) = trainer.test(TestedNet(), loader, verbose=False)
         results.append(metrics)
     single, parallel = results

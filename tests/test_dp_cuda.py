@@ -1,4 +1,7 @@
-"""strategy="dp" on CUDA: the CPU equivalence tests again on GPUs (skipped without CUDA)."""
+"""strategy="dp" on CUDA: what needs distinct GPUs or CUDA autocast (skipped without CUDA).
+
+The CPU tests in test_dp.py that take the `device_type` fixture run again on CUDA by themselves.
+"""
 
 from __future__ import annotations
 
