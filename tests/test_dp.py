@@ -279,6 +279,39 @@ def test_manual_optimization_equals_single_device_with_a_data_parallel_forward(d
     assert sorted(module.forward_sizes) == [2] * 6 + [3] * 3, "forward ran on three replicas per step"
 
 
+class DirectCallNet(ManualNet):
+    """A manual step that calls a submodule directly (as GANs do) instead of ``self(...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.direct_calls: list[tuple[str, int]] = []
+        self.model[0].register_forward_hook(
+            lambda module, inputs, output: self.direct_calls.append(
+                (threading.current_thread().name, len(inputs[0]))
+            )
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)  # not self(x): runs once, on the root device
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})  # type: ignore[union-attr]
+        optimizer.step()  # type: ignore[union-attr]
+        self.losses.append(float(loss))
+        return loss
+
+
+def test_direct_submodule_calls_in_a_manual_step_run_once_on_the_whole_batch(device_type: str) -> None:
+    single = run(DirectCallNet(), batch_size=7, n=35, max_steps=3, devices=1)
+    module = DirectCallNet()
+    parallel = run(module, batch_size=7, n=35, max_steps=3, **dp_on(device_type, 3))
+    assert module.direct_calls == [("MainThread", 7)] * 3, "one call on the root, not per replica"
+    torch.testing.assert_close(parallel.losses, single.losses, rtol=1e-10, atol=0)
+    assert_same(parallel.weights, single.weights)
+
+
 # -- bad input ----------------------------------------------------------------------------------------------
 
 

@@ -10,11 +10,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from lightning_gpupar import DataParallelStrategy
 from tests.conftest import requires_cuda
 from tests.equivalence import ProbeNet, TinyNet, assert_same, make_data, run
-from tests.test_dp import LoggingNet, TestedNet
+from tests.test_dp import LoggingNet, ManualNet, TestedNet
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -72,3 +74,25 @@ def test_test_epoch_metrics_on_two_gpus_equal_single_device() -> None:
     assert single.keys() == parallel.keys() == {"test_loss", "test_acc", "test_auroc"}
     for key, value in single.items():
         assert parallel[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_a_manual_step_gets_its_batch_and_forward_outputs_on_the_output_device() -> None:
+    devices = cuda_dp(2)["devices"]
+    seen: list[tuple[torch.device, torch.device, torch.device]] = []
+
+    class Net(ManualNet):
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            logits = self(x)  # data-parallel, gathered on output_device
+            direct = self.model(x.to(self.device))  # a direct submodule call runs on the root device
+            seen.append((x.device, logits.device, direct.device))
+            direct_loss = F.cross_entropy(direct, y.to(self.device)).to(logits.device)
+            optimizer = self.optimizers()
+            optimizer.zero_grad()  # type: ignore[union-attr]
+            self.manual_backward(F.cross_entropy(logits, y) + direct_loss)
+            optimizer.step()  # type: ignore[union-attr]
+
+    strategy = DataParallelStrategy(output_device=1)
+    run(Net(), max_steps=2, accelerator="gpu", devices=devices, strategy=strategy)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert seen == [(cuda1, cuda1, cuda0)] * 2

@@ -18,8 +18,14 @@ the step runs on the root module directly.
 Rules users should know (as in ``nn.DataParallel``): BatchNorm running statistics are the first replica's;
 attributes a replica sets on ``self`` during a step are dropped with it (store state in buffers updated in
 place on the first replica, in metrics, or via ``self.log``); ``sync_batchnorm=True`` is refused (it needs
-one process per device: use ``strategy=ddp``). With manual optimization the step runs once, on the full
-batch, and calls to the LightningModule's ``forward`` (``self(x)``) inside it run data-parallel.
+one process per device: use ``strategy=ddp``).
+
+Manual optimization (``automatic_optimization=False``): the step runs once, on the full batch, on this
+thread. Only calls to the LightningModule's ``forward`` (``self(x)``) inside it run data-parallel; a
+submodule called directly (``self.generator(z)``, as GANs do) runs once, on the root device, on the whole
+input. The batch arrives on ``output_device``, where ``self(x)`` returns its outputs, so a loss of
+``self(x)`` and the batch's targets works as on one device; with an ``output_device`` other than the root
+device, move the inputs of direct submodule calls to ``self.device``.
 """
 
 from __future__ import annotations
@@ -194,7 +200,8 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         return gather_outputs(outputs, sizes, self.output_device)
 
     def _manual_optimization_step(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
-        """The user's step runs once on the full batch; ``self(...)`` inside it runs data-parallel."""
+        """The user's step runs once on the full batch (on ``output_device``); only ``self(...)`` inside it
+        runs data-parallel, direct submodule calls run on the root device (module docstring)."""
         root = self._module
         batch = root._apply_batch_transfer_handler(batch, self.output_device, 0)
         with self._parallel_forward(root):
