@@ -22,6 +22,13 @@ class Sample:
     source: str
 
 
+@dataclass(frozen=True)
+class Prediction:
+    logits: Tensor
+    names: list[str]
+    model: str = "tiny"
+
+
 @pytest.mark.parametrize(
     ("total", "parts", "sizes"),
     [(8, 2, [4, 4]), (7, 3, [3, 2, 2]), (2, 3, [1, 1]), (1, 4, [1]), (10, 4, [3, 3, 2, 2])],
@@ -58,6 +65,8 @@ def test_describe_sketches_the_structure() -> None:
         ({"names": ["a", "b"]}, r"no tensor in it: dict\(names=list\[str, str\]\)"),
         ((torch.zeros(4), torch.zeros(5)), r"disagree on their first \(batch\) dimension \[4, 5\]"),
         ((torch.zeros(4), torch.tensor(1.0)), r"0-dim tensor.*tuple\[Tensor\[4\], Tensor\[\]\]"),
+        ({"x": torch.zeros(0, 3)}, r"empty batch \(dim 0 is 0\): dict\(x=Tensor\[0, 3\]\)"),
+        ([Prediction(torch.zeros(4, 1), ["a"] * 4)], r"frozen dataclass Prediction.*without frozen=True"),
     ],
 )
 def test_unsplittable_batches_name_their_structure(batch: object, message: str) -> None:
@@ -94,13 +103,6 @@ def test_gather_keeps_namedtuples_and_refuses_partial_skips() -> None:
     assert gather_outputs([None, None], [1, 1], cpu) is None
     with pytest.raises(RuntimeError, match=r"returned None on replica\(s\) \[1\]"):
         gather_outputs([torch.tensor(1.0), None], [1, 1], cpu)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    logits: Tensor
-    names: list[str]
-    model: str = "tiny"
 
 
 @pytest.mark.parametrize("sizes", [[3, 2, 2], [2, 2]])

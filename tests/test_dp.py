@@ -235,6 +235,11 @@ def test_batchnorm_keeps_the_first_replicas_running_statistics(device_type: str)
     assert module.steps_on_self == 0
 
 
+def test_batchnorm_in_training_fails_on_a_one_sample_shard_as_in_torch() -> None:
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        run(BatchNormNet(), batch_size=7, n=7, max_steps=1, **dp(4))  # shards of 2, 2, 2, 1
+
+
 def test_sync_batchnorm_is_refused_when_the_trainer_is_built() -> None:
     with pytest.raises(ValueError, match=r"sync_batchnorm=True.*strategy='ddp'"):
         pl.Trainer(accelerator="cpu", devices=2, strategy="dp", sync_batchnorm=True)
@@ -329,6 +334,17 @@ def test_tensors_with_different_batch_dims_name_the_structure() -> None:
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.zeros(7, dtype=torch.long)
     loader = DataLoader([0], collate_fn=lambda _: {"x": x, "y": y})
     with pytest.raises(BatchSplitError, match=r"disagree.*\[7, 8\].*dict\(x=Tensor\[8, 6\], y=Tensor\[7\]\)"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False).fit(
+            TinyNet(), loader
+        )
+
+
+def test_an_empty_batch_names_its_structure() -> None:
+    batch = (torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    loader = DataLoader([0], collate_fn=lambda _: batch)
+    with pytest.raises(
+        BatchSplitError, match=r"empty batch \(dim 0 is 0\): tuple\[Tensor\[0, 6\], Tensor\[0\]\]"
+    ):
         pl.Trainer(accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False).fit(
             TinyNet(), loader
         )
