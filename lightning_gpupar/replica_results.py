@@ -4,8 +4,9 @@ Replicas run in worker threads; Lightning's logging is not thread-safe and a rep
 with the replica. So each replica's ``self.log`` is a :class:`LogRecorder`, and after the step the caller's
 thread logs each name once on the root module:
 
-* numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size (so the value
-  equals the full batch's mean), ``sum``, ``max`` or ``min``;
+* numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size, or by the
+  replicas' ``batch_size=`` where given (so the value equals the full batch's mean), ``sum``, ``max`` or
+  ``min``; the root logs the whole batch's ``batch_size`` (the replicas' sum), which weighs epoch means;
 * torchmetrics ``Metric`` states are merged into the root's metric (``Metric.merge_state``), and the
   logged value is the root's metric, whose step value is computed from the whole batch.
 """
@@ -92,8 +93,10 @@ def replay_logs(
     """Log every recorded name once on ``root``, combining the replicas' values (module docstring)."""
     to_root = {id(copy): root_metric for root_metric, copies in pairs for copy in copies}
     names: dict[str, list[tuple[int, dict[str, Any]]]] = {}
-    for weight, recorder in zip(weights, recorders, strict=True):
+    for shard_size, recorder in zip(weights, recorders, strict=True):
         for call in recorder.calls:
+            # a replica's explicit batch_size (e.g. a token count) weighs its value, as on one device
+            weight = shard_size if call["batch_size"] is None else call["batch_size"]
             names.setdefault(call["name"], []).append((weight, call))
     for name, entries in names.items():
         call = dict(entries[0][1])
@@ -101,8 +104,8 @@ def replay_logs(
             call["value"] = to_root[id(call["value"])]
         else:
             call["value"] = _combine(name, [(w, c["value"]) for w, c in entries], call["reduce_fx"], device)
-        if call["batch_size"] is not None:
-            call["batch_size"] = sum(c["batch_size"] or 0 for _, c in entries)
+        if any(c["batch_size"] is not None for _, c in entries):
+            call["batch_size"] = sum(w for w, _ in entries)  # the whole batch's, for the epoch mean
         root.log(**call)
 
 

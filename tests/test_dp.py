@@ -209,6 +209,42 @@ def test_errors_in_a_replica_surface_in_the_trainer() -> None:
         run(Broken(), **dp(2))
 
 
+def test_explicit_batch_size_weighs_replica_values_as_on_one_device() -> None:
+    class Net(TinyNet):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            x, y = batch
+            losses = F.cross_entropy(self(x), y, reduction="none")
+            weights = (y + 1).to(losses.dtype)  # e.g. tokens per sample
+            value = (weights * losses).sum() / weights.sum()
+            self.log("weighted", value, on_step=True, on_epoch=True, batch_size=int(weights.sum()))
+            return losses.mean()
+
+    kwargs = dict(batch_size=7, n=35, max_steps=5)
+    single = run(Net(), devices=1, **kwargs)  # type: ignore[arg-type]
+    parallel = run(Net(), **dp(3), **kwargs)  # type: ignore[arg-type]
+    for key in ("weighted_step", "weighted_epoch"):
+        assert parallel.metrics[key] == pytest.approx(single.metrics[key], rel=1e-10), key
+
+
+def test_batch_hooks_see_the_whole_batch_or_each_shard() -> None:
+    calls: list[tuple[str, int]] = []
+
+    class Net(TinyNet):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            calls.append(("before_transfer", len(batch[0])))
+            return batch
+
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            calls.append(("after_transfer", len(batch[0])))
+            return batch
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            calls.append(("batch_start", len(batch[0])))
+
+    run(Net(), batch_size=7, n=7, max_steps=1, **dp(3))
+    assert calls == [("before_transfer", 7), ("batch_start", 7)] + [("after_transfer", n) for n in (3, 2, 2)]
+
+
 # -- BatchNorm, state on self, sync_batchnorm --------------------------------------------------------------
 
 

@@ -2,8 +2,10 @@
 
 The path of one step, top to bottom in :meth:`DataParallelStrategy._parallel_step`:
 
-1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.batch`);
-2. move shard i to device i through the module's batch-transfer hooks;
+1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.batch`); the loop has already
+   run ``on_before_batch_transfer`` once on the whole batch, which stays where the DataLoader put it, so
+   ``on_train_batch_start`` / ``on_train_batch_end`` see it there, unsplit;
+2. move shard i to device i through ``transfer_batch_to_device`` and ``on_after_batch_transfer``;
 3. replicate the module onto those devices (:mod:`lightning_gpupar.replicate`);
 4. run the replica's own ``*_step`` on its shard in a thread (:mod:`lightning_gpupar.parallel_apply`),
    with its ``self.log`` recorded instead of logged;
@@ -12,8 +14,9 @@ The path of one step, top to bottom in :meth:`DataParallelStrategy._parallel_ste
 6. gather the outputs on ``output_device``; the loss is the shard-size-weighted mean, equal to the
    full-batch mean (:mod:`lightning_gpupar.gather`).
 
-CPU and CUDA run the same path; only the tensor copies differ. With one device (or a one-sample batch)
-the step runs on the root module directly.
+CPU and CUDA run the same path; only the tensor copies differ. With one device the step runs on the root
+module directly; a batch of fewer samples than devices uses fewer replicas (a one-sample batch: one
+replica, on the first device).
 
 Rules users should know (as in ``nn.DataParallel``): BatchNorm running statistics are the first replica's;
 attributes a replica sets on ``self`` during a step are dropped with it (store state in buffers updated in
