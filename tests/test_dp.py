@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -356,39 +357,43 @@ def test_direct_submodule_calls_in_a_manual_step_run_once_on_the_whole_batch(dev
 # -- bad input ----------------------------------------------------------------------------------------------
 
 
-def test_a_batch_without_tensors_names_its_structure() -> None:
+def test_a_batch_without_tensors_names_its_structure(tmp_path: Path) -> None:
     class Net(TinyNet):
         def training_step(self, batch: Any, batch_idx: int) -> Tensor:
             raise AssertionError("never reached")
 
     loader = DataLoader(["a", "b", "c", "d"], batch_size=2, collate_fn=lambda items: {"names": items})
     with pytest.raises(BatchSplitError, match=r"no tensor in it: dict\(names=list\[str, str\]\)"):
-        pl.Trainer(accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False).fit(Net(), loader)
+        pl.Trainer(
+            accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False, default_root_dir=tmp_path
+        ).fit(Net(), loader)
 
 
-def test_tensors_with_different_batch_dims_name_the_structure() -> None:
+def test_tensors_with_different_batch_dims_name_the_structure(tmp_path: Path) -> None:
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.zeros(7, dtype=torch.long)
     loader = DataLoader([0], collate_fn=lambda _: {"x": x, "y": y})
     with pytest.raises(BatchSplitError, match=r"disagree.*\[7, 8\].*dict\(x=Tensor\[8, 6\], y=Tensor\[7\]\)"):
-        pl.Trainer(accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False).fit(
-            TinyNet(), loader
-        )
+        pl.Trainer(
+            accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False, default_root_dir=tmp_path
+        ).fit(TinyNet(), loader)
 
 
-def test_an_empty_batch_names_its_structure() -> None:
+def test_an_empty_batch_names_its_structure(tmp_path: Path) -> None:
     batch = (torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
     loader = DataLoader([0], collate_fn=lambda _: batch)
     with pytest.raises(
         BatchSplitError, match=r"empty batch \(dim 0 is 0\): tuple\[Tensor\[0, 6\], Tensor\[0\]\]"
     ):
-        pl.Trainer(accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False).fit(
-            TinyNet(), loader
-        )
+        pl.Trainer(
+            accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False, default_root_dir=tmp_path
+        ).fit(TinyNet(), loader)
 
 
-def test_output_device_must_be_one_of_the_devices() -> None:
+def test_output_device_must_be_one_of_the_devices(tmp_path: Path) -> None:
     strategy = DataParallelStrategy(output_device="cuda:5")
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False, default_root_dir=tmp_path
+    )
     with pytest.raises(ValueError, match=r"cuda:5 is not one of the chosen devices \['cpu', 'cpu'\]"):
         trainer.fit(TinyNet(), DataLoader(make_data(8), batch_size=4))
 
@@ -400,7 +405,7 @@ def test_one_device_is_plain_single_device_training() -> None:
     assert_same(parallel.weights, single.weights, rtol=0, atol=0)
 
 
-def test_non_tensor_items_reach_every_replica() -> None:
+def test_non_tensor_items_reach_every_replica(tmp_path: Path) -> None:
     seen: list[str] = []
 
     class Net(TinyNet):
@@ -419,7 +424,13 @@ def test_non_tensor_items_reach_every_replica() -> None:
         },
     )
     pl.Trainer(
-        accelerator="cpu", devices=2, strategy="dp", max_steps=1, logger=False, enable_progress_bar=False
+        accelerator="cpu",
+        devices=2,
+        strategy="dp",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
     ).fit(Net(), loader)
     assert seen == ["hello", "hello"]
 
