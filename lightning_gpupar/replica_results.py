@@ -7,8 +7,9 @@ thread logs each name once on the root module:
 * numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size, or by the
   replicas' ``batch_size=`` where given (so the value equals the full batch's mean), ``sum``, ``max`` or
   ``min``; the root logs the whole batch's ``batch_size`` (the replicas' sum), which weighs epoch means;
-* torchmetrics ``Metric`` states are merged into the root's metric (``Metric.merge_state``), and the
-  logged value is the root's metric, whose step value is computed from the whole batch.
+* torchmetrics ``Metric`` states are moved to the root metric's device and merged into it
+  (``Metric.merge_state``) in sample order, so list states (``CatMetric``) match one device's; the logged
+  value is the root's metric, whose step value is computed from the whole batch.
 """
 
 from __future__ import annotations
