@@ -61,7 +61,29 @@ def batch_size(batch: Any) -> int:
             f"Tensors in the batch disagree on their first (batch) dimension {sorted(set(sizes))}: "
             f"{describe(batch)}. Every tensor must have the same dim 0 to be split into shards."
         )
+    if sizes[0] == 0:
+        raise BatchSplitError(
+            f"Cannot split an empty batch (dim 0 is 0): {describe(batch)}. Every step needs at least one "
+            "sample; filter empty batches out in your DataLoader / collate_fn."
+        )
     return sizes[0]
+
+
+def _frozen_dataclass(batch: Any, depth: int = 0) -> str | None:
+    """The name of a frozen dataclass in ``batch``, if any (``apply_to_collection`` cannot rebuild one)."""
+    if depth > 16 or isinstance(batch, Tensor | str | bytes):
+        return None
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        if type(batch).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            return type(batch).__name__
+        children: Any = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    elif isinstance(batch, Mapping):
+        children = batch.values()
+    elif isinstance(batch, Sequence):
+        children = batch
+    else:
+        return None
+    return next((name for c in children if (name := _frozen_dataclass(c, depth + 1))), None)
 
 
 def shard_sizes(total: int, parts: int) -> list[int]:
@@ -77,6 +99,13 @@ def split_batch(batch: Any, parts: int) -> tuple[list[Any], list[int]]:
     Shards are views in order, so concatenating per-sample outputs restores the original order.
     A batch smaller than ``parts`` gives one shard per sample.
     """
+    frozen = _frozen_dataclass(batch)
+    if frozen is not None:
+        raise BatchSplitError(
+            f"Cannot split batch {describe(batch)}: the frozen dataclass {frozen} cannot be rebuilt around "
+            "its shards (Lightning's batch transfer to a device refuses it too). Declare it without "
+            "frozen=True, or use a dict or namedtuple."
+        )
     sizes = shard_sizes(batch_size(batch), parts)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     shards = [

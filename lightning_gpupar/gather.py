@@ -4,19 +4,31 @@
   (predictions) come back in the original sample order;
 * scalars (0-dim tensors and Python numbers, the loss among them) are means over shards weighted by shard
   size, which equals the full-batch mean of a per-sample mean;
-* dicts, lists, tuples and namedtuples are gathered item by item; anything else is taken from the first
-  replica.
+* a ``list`` whose length is each replica's shard size is per-sample (decoded strings, variable-length
+  tensors) and is concatenated in order; so is a plain ``tuple`` when the shards differ in size (its
+  lengths then tell it apart from a record like ``(logits, features)``);
+* dicts, dataclasses, namedtuples and other lists and tuples are gathered item by item;
+* any other value (``bool``, ``str``, ``None``, objects) must be the same on every replica; replicas that
+  disagree raise an error naming the output's path and the values.
 
 Gathering is differentiable: the loss gathered here backpropagates into every replica.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import is_dataclass_instance, is_namedtuple
 from torch import Tensor
+
+
+class GatherError(ValueError):
+    """Replica outputs that cannot be combined into one; the message names the output's path."""
 
 
 def gather_outputs(outputs: Sequence[Any], sizes: Sequence[int], device: torch.device) -> Any:
@@ -30,25 +42,81 @@ def gather_outputs(outputs: Sequence[Any], sizes: Sequence[int], device: torch.d
             "parallelism every replica sees a shard of the same batch: decide to skip a batch from the "
             "whole batch (e.g. in on_train_batch_start, returning -1), not from a shard."
         )
-    return _gather(list(outputs), [s / sum(sizes) for s in sizes], device)
+    return _Gatherer(list(sizes), device).gather(list(outputs), "output")
 
 
-def _gather(values: list[Any], weights: list[float], device: torch.device) -> Any:
+class _Gatherer:
+    def __init__(self, sizes: list[int], device: torch.device) -> None:
+        self.sizes = sizes
+        self.weights = [s / sum(sizes) for s in sizes]
+        self.device = device
+
+    def gather(self, values: list[Any], path: str) -> Any:
+        first = values[0]
+        if isinstance(first, Tensor):
+            if first.dim() == 0:
+                return sum(w * v.to(self.device) for w, v in zip(self.weights, values, strict=True))
+            return torch.cat([v.to(self.device) for v in values])
+        if isinstance(first, bool):
+            return _same(values, path)
+        if isinstance(first, int | float):
+            return float(sum(w * v for w, v in zip(self.weights, values, strict=True)))
+        if isinstance(first, Mapping):
+            return self._mapping(values, path)
+        if is_dataclass_instance(first):
+            return self._dataclass(values, path)
+        if isinstance(first, Sequence) and not isinstance(first, str | bytes):
+            return self._sequence(values, path)
+        return _same(values, path)
+
+    def _mapping(self, values: list[Any], path: str) -> Any:
+        first = values[0]
+        keys = [list(v.keys()) for v in values]
+        if any(k != keys[0] for k in keys):
+            raise GatherError(f"Replicas returned different keys at {path}: {keys}. Return the same keys.")
+        gathered = {key: self.gather([v[key] for v in values], f"{path}[{key!r}]") for key in first}
+        return gathered if type(first) is dict else type(first)(gathered)
+
+    def _dataclass(self, values: list[Any], path: str) -> Any:
+        fields = dataclasses.fields(values[0])
+        gathered = {
+            f.name: self.gather([getattr(v, f.name) for v in values], f"{path}.{f.name}") for f in fields
+        }
+        result = dataclasses.replace(values[0], **{f.name: gathered[f.name] for f in fields if f.init})
+        for field in fields:
+            if not field.init:  # set in __post_init__ or by default; frozen dataclasses included
+                object.__setattr__(result, field.name, gathered[field.name])
+        return result
+
+    def _sequence(self, values: list[Any], path: str) -> Any:
+        first = values[0]
+        lengths = [len(v) for v in values]
+        per_sample = isinstance(first, list) or (not is_namedtuple(first) and len(set(self.sizes)) > 1)
+        if per_sample and lengths == self.sizes:
+            items = [move_data_to_device(item, self.device) for v in values for item in v]
+            return type(first)(items)
+        if len(set(lengths)) > 1:
+            raise GatherError(
+                f"Replicas returned sequences of different lengths at {path}: {lengths}, for shards of "
+                f"{self.sizes} samples. A list with one item per sample of the shard is concatenated; "
+                "other sequences are gathered item by item and need the same length on every replica."
+            )
+        items = [self.gather([v[i] for v in values], f"{path}[{i}]") for i in range(len(first))]
+        return type(first)(*items) if is_namedtuple(first) else type(first)(items)
+
+
+def _same(values: list[Any], path: str) -> Any:
+    """The value every replica returned, or a GatherError if they differ."""
     first = values[0]
-    if isinstance(first, Tensor):
-        if first.dim() == 0:
-            return sum(w * v.to(device) for w, v in zip(weights, values, strict=True))
-        return torch.cat([v.to(device) for v in values])
-    if isinstance(first, bool):
-        return first
-    if isinstance(first, int | float):
-        return float(sum(w * v for w, v in zip(weights, values, strict=True)))
-    if isinstance(first, Mapping):
-        gathered = {key: _gather([v[key] for v in values], weights, device) for key in first}
-        return gathered if type(first) is dict else type(first)(gathered)  # type: ignore[call-arg]
-    if isinstance(first, Sequence) and not isinstance(first, str):
-        items = [_gather([v[i] for v in values], weights, device) for i in range(len(first))]
-        if hasattr(first, "_fields"):  # namedtuple
-            return type(first)(*items)
-        return type(first)(items)  # type: ignore[call-arg]
+    try:
+        agree = all(v is first or bool(v == first) for v in values[1:])
+    except (TypeError, ValueError, RuntimeError):  # e.g. arrays, whose == is element-wise
+        agree = False
+    if not agree:
+        shown = ", ".join(reprlib.repr(v) for v in values)
+        raise GatherError(
+            f"Replicas returned different values at {path}: {shown}. A {type(first).__name__} cannot be "
+            "combined across shards: return a tensor with a batch dimension or a list with one item per "
+            "sample, or the same value from every replica."
+        )
     return first

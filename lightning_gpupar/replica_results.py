@@ -4,10 +4,12 @@ Replicas run in worker threads; Lightning's logging is not thread-safe and a rep
 with the replica. So each replica's ``self.log`` is a :class:`LogRecorder`, and after the step the caller's
 thread logs each name once on the root module:
 
-* numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size (so the value
-  equals the full batch's mean), ``sum``, ``max`` or ``min``;
-* torchmetrics ``Metric`` states are merged into the root's metric (``Metric.merge_state``), and the
-  logged value is the root's metric, whose step value is computed from the whole batch.
+* numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size, or by the
+  replicas' ``batch_size=`` where given (so the value equals the full batch's mean), ``sum``, ``max`` or
+  ``min``; the root logs the whole batch's ``batch_size`` (the replicas' sum), which weighs epoch means;
+* torchmetrics ``Metric`` states are moved to the root metric's device and merged into it
+  (``Metric.merge_state``) in sample order, so list states (``CatMetric``) match one device's; the logged
+  value is the root's metric, whose step value is computed from the whole batch.
 """
 
 from __future__ import annotations
@@ -50,26 +52,36 @@ def metric_pairs(
 
 
 def merge_metrics(pairs: Sequence[tuple[Metric, list[Metric]]], logged: set[int]) -> None:
-    """Merge replica metric states into the root metrics.
+    """Merge replica metric states into the root metrics, in sample order: root's, then shard 0, 1, ...
 
     Root metrics whose replica copies were logged (``logged`` holds the copies' ids) also get the whole
-    batch's step value, which Lightning reads for ``on_step`` logging.
+    batch's step value, which Lightning reads for ``on_step`` logging. The copies are consumed.
     """
     for root_metric, copies in pairs:
         updated = [c for c in copies if c.update_count > 0]
         if not updated:
             continue
         _check_mergeable(root_metric)
-        for copy in updated:
-            root_metric._update_count += copy.update_count
-            root_metric.merge_state(copy)
-        root_metric._computed = None
+        for copy in updated:  # copies live on their replica's device; torchmetrics merges without moving
+            copy.to(root_metric.device)
+        step = _merge_in_order(updated)
         if any(id(c) in logged for c in copies):
-            step = updated[0].clone()
-            for copy in updated[1:]:
-                step._update_count += copy.update_count
-                step.merge_state(copy)
             root_metric._forward_cache = step.compute()
+        if root_metric.update_count > 0:
+            step = _merge_in_order([root_metric, step])
+        for attr in root_metric._defaults:
+            setattr(root_metric, attr, getattr(step, attr))
+        root_metric._update_count = step.update_count
+        root_metric._computed = None
+
+
+def _merge_in_order(metrics: Sequence[Metric]) -> Metric:
+    """The last metric, holding every metric's state in order (``merge_state`` puts the incoming first)."""
+    merged = metrics[-1]
+    for metric in reversed(metrics[:-1]):
+        merged._update_count += metric.update_count
+        merged.merge_state(metric)
+    return merged
 
 
 def replay_logs(
@@ -82,8 +94,10 @@ def replay_logs(
     """Log every recorded name once on ``root``, combining the replicas' values (module docstring)."""
     to_root = {id(copy): root_metric for root_metric, copies in pairs for copy in copies}
     names: dict[str, list[tuple[int, dict[str, Any]]]] = {}
-    for weight, recorder in zip(weights, recorders, strict=True):
+    for shard_size, recorder in zip(weights, recorders, strict=True):
         for call in recorder.calls:
+            # a replica's explicit batch_size (e.g. a token count) weighs its value, as on one device
+            weight = shard_size if call["batch_size"] is None else call["batch_size"]
             names.setdefault(call["name"], []).append((weight, call))
     for name, entries in names.items():
         call = dict(entries[0][1])
@@ -91,8 +105,8 @@ def replay_logs(
             call["value"] = to_root[id(call["value"])]
         else:
             call["value"] = _combine(name, [(w, c["value"]) for w, c in entries], call["reduce_fx"], device)
-        if call["batch_size"] is not None:
-            call["batch_size"] = sum(c["batch_size"] or 0 for _, c in entries)
+        if any(c["batch_size"] is not None for _, c in entries):
+            call["batch_size"] = sum(w for w, _ in entries)  # the whole batch's, for the epoch mean
         root.log(**call)
 
 
