@@ -6,7 +6,8 @@
   size, which equals the full-batch mean of a per-sample mean;
 * a ``list`` whose length is each replica's shard size is per-sample (decoded strings, variable-length
   tensors) and is concatenated in order; so is a plain ``tuple`` when the shards differ in size (its
-  lengths then tell it apart from a record like ``(logits, features)``);
+  lengths then tell it apart from a record like ``(logits, features)``); a sequence of tensors that each
+  carry the shard's batch dimension is a record whatever its length, and is gathered item by item;
 * dicts, dataclasses, namedtuples and other lists and tuples are gathered item by item;
 * any other value (``bool``, ``str``, ``None``, objects) must be the same on every replica; replicas that
   disagree raise an error naming the output's path and the values.
@@ -88,11 +89,20 @@ class _Gatherer:
                 object.__setattr__(result, field.name, gathered[field.name])
         return result
 
+    def _batched_record(self, values: list[Any]) -> bool:
+        """Whether every item is a tensor whose dim 0 is its shard's size: ``[logits, features]``, not
+        one item per sample, even when the list happens to hold as many items as the shard."""
+        return all(
+            isinstance(item, Tensor) and item.dim() > 0 and item.shape[0] == size
+            for value, size in zip(values, self.sizes, strict=True)
+            for item in value
+        )
+
     def _sequence(self, values: list[Any], path: str) -> Any:
         first = values[0]
         lengths = [len(v) for v in values]
         per_sample = isinstance(first, list) or (not is_namedtuple(first) and len(set(self.sizes)) > 1)
-        if per_sample and lengths == self.sizes:
+        if per_sample and lengths == self.sizes and not self._batched_record(values):
             items = [move_data_to_device(item, self.device) for v in values for item in v]
             return type(first)(items)
         if len(set(lengths)) > 1:

@@ -132,6 +132,13 @@ def test_records_whose_length_matches_even_shards_are_gathered_item_by_item() ->
     assert loss.item() == pytest.approx(2.0) and logits.shape == (4, 3)
 
 
+def test_a_list_of_batched_tensors_is_a_record_even_when_its_length_is_the_shard_size() -> None:
+    outputs = [[torch.zeros(2, 3), torch.zeros(2, 5)], [torch.ones(2, 3), torch.ones(2, 5)]]
+    logits, features = gather_outputs(outputs, [2, 2], torch.device("cpu"))
+    assert logits.shape == (4, 3) and features.shape == (4, 5)
+    assert logits[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     ("outputs", "message"),
     [
