@@ -19,14 +19,31 @@ def make_net(batchnorm: bool = True) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), norm, nn.Tanh(), nn.Linear(8, 2)).double()
 
 
+class ModuleNextToAParameter(nn.Module):
+    """An attribute called ``module`` whose only sibling is a parameter (a tensor, not a submodule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(4, 2).double()
+        self.bias = nn.Parameter(torch.ones(2, dtype=torch.float64))  # ``module.bias`` -> ``bias`` collides
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x) + self.bias  # type: ignore[no-any-return]
+
+
 class TinyModule(pl.LightningModule):
-    """Holds its network as ``self.model``; ``wrap="dp"`` holds it inside ``nn.DataParallel`` instead."""
+    """Holds its network as ``self.model``; ``wrap="dp"`` holds it inside ``nn.DataParallel`` instead.
+
+    ``wrap="attribute"`` holds a :class:`ModuleNextToAParameter` (no wrapper, a ``module`` attribute).
+    """
 
     def __init__(self, wrap: str | None = None, lr: float = 0.05, batchnorm: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         net = make_net(batchnorm)
         self.model: nn.Module = nn.DataParallel(net) if wrap == "dp" else net
+        if wrap == "attribute":
+            self.model = ModuleNextToAParameter()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)  # type: ignore[no-any-return]

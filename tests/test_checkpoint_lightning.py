@@ -179,3 +179,16 @@ def test_saving_removes_real_wrappers_only(tmp_path: Path, options: dict[str, An
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     keys = list(torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"])
     assert keys == ["module.weight", "module.bias"]  # the attribute stays, DataParallel's `module.` goes
+
+
+@pytest.mark.parametrize("strategy", ["dp", "model_split"])
+def test_a_module_attribute_next_to_a_parameter_resumes_under_our_strategies(
+    tmp_path: Path, strategy: str
+) -> None:
+    options = {"strategy": strategy, "accelerator": "cpu", "devices": 2}
+    fit(tmp_path, TinyModule(wrap="attribute"), **options).save_checkpoint(tmp_path / "a.ckpt")
+    keys = list(load_checkpoint_file(tmp_path / "a.ckpt")["state_dict"])
+    assert keys == ["model.bias", "model.module.weight", "model.module.bias"]
+    again = pl.Trainer(**quiet_trainer_kwargs(tmp_path), max_epochs=2, **options)  # type: ignore[arg-type]
+    again.fit(TinyModule(wrap="attribute"), loader(), ckpt_path=tmp_path / "a.ckpt")
+    assert again.global_step == 8  # 4 restored + 4 trained

@@ -113,3 +113,10 @@ def test_export_refuses_to_overwrite_its_input(run_ckpt: Path, capsys: pytest.Ca
     assert main(["export", str(run_ckpt), str(run_ckpt), "--force"]) == 1
     assert "is the input checkpoint" in capsys.readouterr().err
     assert digest(run_ckpt) == before
+
+
+def test_export_keeps_a_module_attribute_that_is_no_wrapper(tmp_path: Path) -> None:
+    source = {"module.weight": torch.ones(2, 2), "temperature": torch.ones(1)}
+    torch.save(source, tmp_path / "plain.pt")
+    assert main(["export", str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")]) == 0
+    assert list(torch.load(tmp_path / "out.pt")) == ["module.weight", "temperature"]
