@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def make_net(batchnorm: bool = True) -> nn.Module:
     """A network with a buffer-holding layer (unless ``batchnorm=False``: per-replica statistics differ)."""
@@ -56,6 +58,54 @@ class TinyModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+
+
+class ChainNet(nn.Module):
+    """The TransformerNet's layout (``embed``, ``blocks`` as an ``nn.ModuleList``, ``head``), each block
+    held inside ``nn.DataParallel`` (on the CPU it just calls the block) so its keys carry ``module.``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(
+            nn.DataParallel(nn.Sequential(nn.Linear(8, 8), nn.Tanh())) for _ in range(4)
+        )
+        self.head = nn.Linear(8, 2)
+        self.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+class ChainModule(TinyModule):
+    """A LightningModule holding a :class:`ChainNet` as ``self.model`` (``wrap="dp"``: in DataParallel)."""
+
+    def __init__(self, wrap: str | None = None, lr: float = 0.05) -> None:
+        super().__init__(lr=lr)
+        self.model = nn.DataParallel(ChainNet()) if wrap == "dp" else ChainNet()
+
+
+def app_trainer_kwargs(*overrides: str) -> dict[str, Any]:
+    """The strategy, accelerator and devices the Hydra app builds for ``overrides`` (as build_trainer)."""
+    from hydra import compose, initialize_config_dir
+
+    from examples.schema import register_app_configs
+    from lightning_gpupar.config import build_strategy, select_devices
+
+    register_app_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    selection = select_devices(cfg.strategy, cfg.trainer.accelerator)
+    return {
+        "strategy": build_strategy(cfg.strategy),
+        "accelerator": selection.accelerator,
+        "devices": selection.trainer_devices,
+    }
 
 
 def loader() -> DataLoader:
