@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,40 @@ def test_unreadable_files_give_a_clear_error(previous: Path, content: bytes | No
         load_checkpoint_file(bad)
     assert str(bad) in str(err.value)
     assert bad.read_bytes() == (content or b"")
+
+
+def _zero_inside_the_pickle(path: Path) -> bytes:
+    """The file with bytes zeroed inside its ``data.pkl`` (stored uncompressed, so found verbatim)."""
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    start = data.index(pickled) + 10
+    return data[:start] + bytes(20) + data[start + 20 :]
+
+
+@pytest.mark.parametrize("kind", ["zeroed-pickle", "random", "plain-pickle"])
+def test_broken_or_foreign_files_are_not_called_unsafe(previous: Path, kind: str) -> None:
+    bad = previous.with_name(f"{kind}.ckpt")
+    if kind == "zeroed-pickle":
+        bad.write_bytes(_zero_inside_the_pickle(previous))
+    elif kind == "random":
+        bad.write_bytes(random.Random(0).randbytes(4096))
+    else:
+        with bad.open("wb") as f:
+            pickle.dump({"state_dict": {"w": [1.0, 2.0]}}, f)
+    with pytest.raises(CheckpointFileError, match="not a readable PyTorch checkpoint") as err:
+        load_checkpoint_file(bad)
+    message = str(err.value)
+    assert not isinstance(err.value, UnsafeCheckpointError)
+    assert "weights_only" not in message and "unsafe" not in message.lower(), message
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_pickled_custom_class_is_called_unsafe(tmp_path: Path, zip_format: bool) -> None:
+    path = tmp_path / "custom.ckpt"
+    torch.save({"state_dict": {}, "extra": Custom()}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UnsafeCheckpointError, match=r"test_checkpoint_io\.Custom.*--unsafe-unpickle"):
+        load_checkpoint_file(path)
 
 
 def test_missing_file_and_directory_are_named(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def test_unknown_submodule_lists_candidates(
     assert digest(run_ckpt) == before and not (tmp_path / "o.pt").exists()
 
 
-@pytest.mark.parametrize("kind", ["truncated", "text", "no-state-dict", "pickled", "missing"])
+@pytest.mark.parametrize("kind", ["truncated", "text", "random", "no-state-dict", "pickled", "missing"])
 def test_bad_inputs_fail_cleanly_and_leave_the_file(
     run_ckpt: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,6 +87,8 @@ def test_bad_inputs_fail_cleanly_and_leave_the_file(
         bad.write_bytes(run_ckpt.read_bytes()[:500])
     elif kind == "text":
         bad.write_text("epoch: 3\n")
+    elif kind == "random":
+        bad.write_bytes(bytes(range(256)) * 8)
     elif kind == "no-state-dict":
         torch.save({"epoch": 3, "optimizer_states": []}, bad)
     elif kind == "pickled":
@@ -99,11 +101,13 @@ def test_bad_inputs_fail_cleanly_and_leave_the_file(
         expected = {
             "truncated": "not a readable PyTorch checkpoint",
             "text": "not a readable PyTorch checkpoint",
+            "random": "not a readable PyTorch checkpoint",
             "no-state-dict": "no 'state_dict' entry",
             "pickled": "--unsafe-unpickle",
             "missing": "does not exist",
         }[kind]
         assert expected in err
+        assert ("--unsafe-unpickle" in err) == (kind == "pickled")
     assert (digest(bad) if bad.exists() else None) == before
     assert not (tmp_path / "o.pt").exists()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -81,8 +82,9 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: b
     try:
         return torch.load(file, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        if weights_only and "Weights only load failed" in str(err):
-            raise UnsafeCheckpointError(_unsafe_message(file)) from err
+        needed = _globals_outside_the_allow_list(file, err) if weights_only else []
+        if needed:
+            raise UnsafeCheckpointError(_unsafe_message(file, needed)) from err
         raise _file_error(file, err) from err
     except Exception as err:  # torch's readers fail in many ways on bytes that are not a checkpoint
         raise _file_error(file, err) from err
@@ -133,20 +135,38 @@ def _umask() -> int:
     return mask
 
 
-def _unsafe_message(file: Path) -> str:
+#: How torch's weights-only unpickler names a global it refuses (not allow-listed, or from a blocked module).
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+#: Where torch's wrapped message quotes the unpickler's own words.
+_UNPICKLER_SAID = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", re.DOTALL)
+
+
+def _globals_outside_the_allow_list(file: Path, err: BaseException) -> list[str]:
+    """The globals a weights-only load refused; empty when the file failed for another reason.
+
+    Only these mean "the file is fine but needs full unpickling": a corrupt, foreign or plain-pickle
+    file also fails as "Weights only load failed", and must not be sent to unsafe unpickling.
+    """
     try:
-        found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(file)) or "none listed"
-    except Exception:  # not a zip checkpoint: torch cannot list what it would import
-        found = "unknown (the file is not in torch's zip format: an old torch.save or a plain pickle)"
+        listed = list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # not torch's zip format, or its pickle is broken: rely on torch's message
+        listed = []
+    return listed or _REFUSED_GLOBAL.findall(str(err))
+
+
+def _unsafe_message(file: Path, needed: list[str]) -> str:
     return (
         f"Checkpoint {str(file)!r} cannot be loaded with weights_only=True: it needs these Python objects "
-        f"rebuilt: {found}. {UNSAFE_HINT} Or allow just those types: torch.serialization.add_safe_globals."
+        f"rebuilt: {', '.join(needed)}. {UNSAFE_HINT} Or allow just those types: "
+        "torch.serialization.add_safe_globals."
     )
 
 
 def _file_error(file: Path, err: BaseException) -> CheckpointFileError:
-    reason = (str(err).splitlines() or [""])[0] or type(err).__name__
+    said = _UNPICKLER_SAID.search(str(err))
+    reason = said.group(1).strip() if said else (str(err).splitlines() or [""])[0]
     return CheckpointFileError(
         f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
-        f"truncated, corrupted or another kind of file. torch said: {type(err).__name__}: {reason}"
+        f"truncated, corrupted or another kind of file (a plain pickle is one). torch said: "
+        f"{type(err).__name__}: {reason or type(err).__name__}"
     )
