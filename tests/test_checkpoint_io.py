@@ -25,6 +25,7 @@ from lightning_gpupar.checkpoint import (
     atomic_torch_save,
     load_checkpoint_file,
 )
+from tests.checkpoint_support import saving_as_cuda3
 
 
 class Bomb:
@@ -157,16 +158,8 @@ def test_unpickling_needs_an_explicit_opt_in(tmp_path: Path) -> None:
 
 @pytest.fixture
 def save_as_cuda3() -> Iterator[None]:
-    """Make torch.save record CPU storages as living on ``cuda:3``: the bytes a CUDA machine writes.
-
-    The location is a string in the file's pickle; this tagger, tried before torch's own, writes it.
-    """
-    entry = (0, lambda storage: "cuda:3" if storage.device.type == "cpu" else None, lambda s, loc: None)
-    torch.serialization._package_registry.insert(0, entry)  # type: ignore[arg-type]
-    try:
+    with saving_as_cuda3():
         yield
-    finally:
-        torch.serialization._package_registry.remove(entry)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading on a machine without CUDA")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_gpupar.cli.ckpt import main
-from tests.checkpoint_support import TinyModule, loader, make_net, quiet_trainer_kwargs
+from tests.checkpoint_support import TinyModule, loader, make_net, quiet_trainer_kwargs, saving_as_cuda3
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,13 @@ def test_export_keeps_a_module_attribute_that_is_no_wrapper(tmp_path: Path) -> N
     torch.save(source, tmp_path / "plain.pt")
     assert main(["export", str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")]) == 0
     assert list(torch.load(tmp_path / "out.pt")) == ["module.weight", "temperature"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA checkpoint on a machine without CUDA")
+def test_inspect_shows_the_device_a_tensor_was_saved_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with saving_as_cuda3():
+        torch.save({"state_dict": {"w": torch.arange(4.0)}}, tmp_path / "gpu.ckpt")
+    assert main(["inspect", str(tmp_path / "gpu.ckpt")]) == 0
+    assert "w  (4,)  float32  cuda:3" in capsys.readouterr().out
