@@ -38,6 +38,16 @@ def test_app_trains_tests_and_reports_the_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default run picks GPUs where there are any")
+def test_the_default_demo_run_reaches_95_percent_with_two_cpu_replicas(tmp_path: Path) -> None:
+    """`make demo`: the default config, nothing overridden but where the output goes."""
+    result = run_app(tmp_path)
+    assert "strategy: DataParallelStrategy on cpu, cpu" in result.stdout.splitlines()
+    accuracy = next(line for line in result.stdout.splitlines() if line.startswith("test_acc: "))
+    assert float(accuracy.removeprefix("test_acc: ")) >= 0.95, result.stdout
+
+
+@pytest.mark.slow
 def test_app_trains_the_transformer(tmp_path: Path) -> None:
     result = run_app(
         tmp_path,
