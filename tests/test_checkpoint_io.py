@@ -68,6 +68,21 @@ def test_sigkill_while_writing_a_large_checkpoint_leaves_the_previous_one(previo
     assert partial is not None, "the child finished before it could be killed mid-write"
     assert child.returncode == -signal.SIGKILL
     assert load_checkpoint_file(previous)["epoch"] == 1
+    assert partial.exists()  # what the kill left behind ...
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "epoch": 3}, previous)
+    assert [p.name for p in previous.parent.iterdir()] == ["last.ckpt"]  # ... the next save removes
+
+
+def test_a_save_removes_stale_temporary_files_of_its_own_target_only(previous: Path) -> None:
+    folder = previous.parent
+    stale = [folder / ".last.ckpt.k1ll3d.tmp", folder / ".last.ckpt.x_y.tmp"]
+    others = [folder / ".other.ckpt.k1ll3d.tmp", folder / ".last.ckpt.keep", folder / "x.last.ckpt.a.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"partial")
+    atomic_torch_save({"epoch": 2}, previous)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in others)
+    assert load_checkpoint_file(previous)["epoch"] == 2
 
 
 def _wait_for_partial_temp_file(folder: Path, child: subprocess.Popen[bytes]) -> Path | None:

@@ -1,7 +1,8 @@
 """Reading and writing checkpoint files safely.
 
 Writes go to a temporary file in the target's directory, are fsynced, then ``os.replace``d onto the
-target, so an exception or a kill mid-write leaves the previous file whole. (Lightning's
+target, so an exception or a kill mid-write leaves the previous file whole; the next successful save
+to that target removes the temporary files killed saves left behind. (Lightning's
 ``_atomic_save`` serialises into memory first, then writes the target in place, or through fsspec's
 local transaction, whose temporary file lives in the system temp dir and is moved over with a
 copy when that is another filesystem: a kill during that write truncates the old checkpoint.)
@@ -13,6 +14,7 @@ that say what is wrong with the file and what to do.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pickle
 import re
@@ -60,12 +62,24 @@ def atomic_write(path: _PATH, write: Callable[[Any], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _remove_stale_temporary_files(target)
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _remove_stale_temporary_files(target: Path) -> None:
+    """Delete what killed saves to ``target`` left behind (their ``.NAME.*.tmp`` files).
+
+    Runs after this save's own rename, so only other writers' files match: one process writes a
+    given checkpoint at a time (rank 0 in Lightning), so those are leftovers, not saves in flight.
+    """
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
