@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
+# Where pip finds torch (the torch step only). Empty: pip's configured indexes. For CPU wheels from
+# PyTorch's own index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (its 2.13.0+cpu still satisfies the pin torch==2.13.0: a pin without a local label ignores it).
+TORCH_INDEX ?=
 
 .PHONY: demo test lint bench clean
 
@@ -13,7 +17,7 @@ $(PY):
 
 # torch first, from the pins, so nothing later can pull a CUDA build.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PIP) install --quiet -c constraints.txt torch
+	$(PIP) install --quiet -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch
 	$(PIP) install --quiet -c constraints.txt -e '.[examples,test,dev]'
 	touch $(STAMP)
 

@@ -69,7 +69,8 @@ class DigitsDataModule(_SplitDataModule):
         except ImportError:
             raise ImportError(
                 "The digits examples need scikit-learn, which ships the data. Install it with: "
-                "pip install 'lightning-gpupar[examples]'  (or: pip install scikit-learn)"
+                "pip install scikit-learn  "
+                "(or, from the repository: pip install -c constraints.txt -e '.[examples]')"
             ) from None
         digits = load_digits()
         x = torch.tensor(digits.data, dtype=torch.float32) / 16.0

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_gpupar.devices import DeviceSelection, resolve_devices
@@ -40,8 +40,9 @@ class StrategyConfig:
 
 @dataclass
 class SingleStrategyConfig(StrategyConfig):
-    """One device: the best GPU, or the CPU."""
+    """One device, the best GPU or the CPU: see :mod:`lightning_gpupar.strategies.single`."""
 
+    _target_: Any = "lightning_gpupar.strategies.single.SingleDeviceStrategy"
     device_ids: Any = "auto:1"
 
 
@@ -169,7 +170,8 @@ def build_strategy(strategy_cfg: DictConfig) -> Strategy | str:
 def build_trainer(cfg: DictConfig, **trainer_kwargs: Any) -> pl.Trainer:
     """A Trainer from ``cfg.trainer`` and ``cfg.strategy``; ``trainer_kwargs`` (callbacks, logger...) win."""
     selection = select_devices(cfg.strategy, cfg.trainer.accelerator)
-    if cfg.strategy._target_ is None and len(selection) > 1:
+    strategy = build_strategy(cfg.strategy)
+    if (strategy == "auto" or isinstance(strategy, SingleDeviceStrategy)) and len(selection) > 1:
         raise ValueError(
             f"strategy=single runs on one device, but strategy.device_ids={cfg.strategy.device_ids!r} "
             f"selected {len(selection)}. Choose one device, or a parallel strategy "
@@ -179,7 +181,7 @@ def build_trainer(cfg: DictConfig, **trainer_kwargs: Any) -> pl.Trainer:
         cfg.trainer,
         accelerator=selection.accelerator,
         devices=selection.trainer_devices,
-        strategy=build_strategy(cfg.strategy),
+        strategy=strategy,
         **trainer_kwargs,
     )
     assert isinstance(trainer, pl.Trainer)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_gpupar.checkpoint import AtomicCheckpointIO, CanonicalCheckpointMixin
 from lightning_gpupar.config import build_trainer
 from lightning_gpupar.devices import DeviceSelectionError, GPUInfo
 
@@ -79,6 +81,18 @@ def test_build_trainer_single_cpu(compose_app: Compose) -> None:
     trainer = build_trainer(cfg, logger=False, enable_progress_bar=False)
     assert trainer.strategy.root_device.type == "cpu"
     assert trainer.num_devices == 1
+
+
+def test_single_strategy_has_the_checkpoint_guarantees(compose_app: Compose) -> None:
+    trainer = build_trainer(compose_app("strategy=single", "trainer.accelerator=cpu"), logger=False)
+    assert isinstance(trainer.strategy, CanonicalCheckpointMixin)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_single_runs_on_the_chosen_gpu(compose_app: Compose, fake_gpus: Callable[..., list[GPUInfo]]) -> None:
+    fake_gpus(40, 40, 40, 40)
+    trainer = build_trainer(compose_app("strategy=single", "strategy.device_ids=[3]"), logger=False)
+    assert trainer.strategy.root_device == torch.device("cuda", 3)
 
 
 def test_single_refuses_several_devices(compose_app: Compose) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from lightning_gpupar.checkpoint import (
     atomic_torch_save,
     load_checkpoint_file,
 )
+from tests.checkpoint_support import saving_as_cuda3
 
 
 class Bomb:
@@ -65,6 +68,21 @@ def test_sigkill_while_writing_a_large_checkpoint_leaves_the_previous_one(previo
     assert partial is not None, "the child finished before it could be killed mid-write"
     assert child.returncode == -signal.SIGKILL
     assert load_checkpoint_file(previous)["epoch"] == 1
+    assert partial.exists()  # what the kill left behind ...
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "epoch": 3}, previous)
+    assert [p.name for p in previous.parent.iterdir()] == ["last.ckpt"]  # ... the next save removes
+
+
+def test_a_save_removes_stale_temporary_files_of_its_own_target_only(previous: Path) -> None:
+    folder = previous.parent
+    stale = [folder / ".last.ckpt.k1ll3d.tmp", folder / ".last.ckpt.x_y.tmp"]
+    others = [folder / ".other.ckpt.k1ll3d.tmp", folder / ".last.ckpt.keep", folder / "x.last.ckpt.a.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"partial")
+    atomic_torch_save({"epoch": 2}, previous)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in others)
+    assert load_checkpoint_file(previous)["epoch"] == 2
 
 
 def _wait_for_partial_temp_file(folder: Path, child: subprocess.Popen[bytes]) -> Path | None:
@@ -100,6 +118,40 @@ def test_unreadable_files_give_a_clear_error(previous: Path, content: bytes | No
     assert bad.read_bytes() == (content or b"")
 
 
+def _zero_inside_the_pickle(path: Path) -> bytes:
+    """The file with bytes zeroed inside its ``data.pkl`` (stored uncompressed, so found verbatim)."""
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    start = data.index(pickled) + 10
+    return data[:start] + bytes(20) + data[start + 20 :]
+
+
+@pytest.mark.parametrize("kind", ["zeroed-pickle", "random", "plain-pickle"])
+def test_broken_or_foreign_files_are_not_called_unsafe(previous: Path, kind: str) -> None:
+    bad = previous.with_name(f"{kind}.ckpt")
+    if kind == "zeroed-pickle":
+        bad.write_bytes(_zero_inside_the_pickle(previous))
+    elif kind == "random":
+        bad.write_bytes(random.Random(0).randbytes(4096))
+    else:
+        with bad.open("wb") as f:
+            pickle.dump({"state_dict": {"w": [1.0, 2.0]}}, f)
+    with pytest.raises(CheckpointFileError, match="not a readable PyTorch checkpoint") as err:
+        load_checkpoint_file(bad)
+    message = str(err.value)
+    assert not isinstance(err.value, UnsafeCheckpointError)
+    assert "weights_only" not in message and "unsafe" not in message.lower(), message
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_pickled_custom_class_is_called_unsafe(tmp_path: Path, zip_format: bool) -> None:
+    path = tmp_path / "custom.ckpt"
+    torch.save({"state_dict": {}, "extra": Custom()}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UnsafeCheckpointError, match=r"test_checkpoint_io\.Custom.*--unsafe-unpickle"):
+        load_checkpoint_file(path)
+
+
 def test_missing_file_and_directory_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint_file(tmp_path / "nope.ckpt")
@@ -121,16 +173,8 @@ def test_unpickling_needs_an_explicit_opt_in(tmp_path: Path) -> None:
 
 @pytest.fixture
 def save_as_cuda3() -> Iterator[None]:
-    """Make torch.save record CPU storages as living on ``cuda:3``: the bytes a CUDA machine writes.
-
-    The location is a string in the file's pickle; this tagger, tried before torch's own, writes it.
-    """
-    entry = (0, lambda storage: "cuda:3" if storage.device.type == "cpu" else None, lambda s, loc: None)
-    torch.serialization._package_registry.insert(0, entry)  # type: ignore[arg-type]
-    try:
+    with saving_as_cuda3():
         yield
-    finally:
-        torch.serialization._package_registry.remove(entry)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading on a machine without CUDA")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_gpupar.checkpoint import KeyCollisionError, canonical_names, normalize_state_dict
-from tests.checkpoint_support import TinyModule, make_net
+from tests.checkpoint_support import ModuleNextToAParameter, TinyModule, make_net
 
 PLAIN = list(make_net().state_dict())
 
@@ -70,6 +70,19 @@ def test_an_attribute_named_module_next_to_others_is_not_a_wrapper() -> None:
     assert canonical_names(["net.module"]) == {"net.module": "net.module"}  # a tensor's own name stays
 
 
+def test_an_attribute_named_module_next_to_a_parameter_is_not_a_wrapper() -> None:
+    keys = ["bias", "module.weight", "module.bias"]
+    assert list(ModuleNextToAParameter().state_dict()) == keys
+    assert canonical_names(keys) == {k: k for k in keys}
+    assert canonical_names(["module.weight", "temperature"]) == {
+        "module.weight": "module.weight",
+        "temperature": "temperature",
+    }
+    assert list(normalize_state_dict(ModuleNextToAParameter().state_dict())) == keys
+    nested = {f"net.{k}": v for k, v in ModuleNextToAParameter().state_dict().items()}
+    assert list(normalize_state_dict(nested)) == list(nested)
+
+
 def test_the_same_tensor_under_two_wrapper_paths_is_kept_once() -> None:
     net = make_net()
 
@@ -84,7 +97,7 @@ def test_the_same_tensor_under_two_wrapper_paths_is_kept_once() -> None:
 
 
 def test_a_collision_is_an_error_listing_the_keys() -> None:
-    state = {"module.w": torch.zeros(2), "_orig_mod.w": torch.ones(2), "b": torch.zeros(1)}
+    state = {"net.module.w": torch.zeros(2), "net._orig_mod.w": torch.ones(2), "head.b": torch.zeros(1)}
     with pytest.raises(KeyCollisionError) as err:
         normalize_state_dict(state)
-    assert "w: module.w, _orig_mod.w" in str(err.value)
+    assert "net.w: net.module.w, net._orig_mod.w" in str(err.value)

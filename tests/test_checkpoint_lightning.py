@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning_gpupar.checkpoint import (
     CanonicalCheckpointMixin,
     CheckpointError,
     StateDictMismatchError,
+    UnsafeCheckpointError,
     load_checkpoint_file,
 )
 from tests.checkpoint_support import TinyModule, loader, make_net, quiet_trainer_kwargs
@@ -179,3 +181,35 @@ def test_saving_removes_real_wrappers_only(tmp_path: Path, options: dict[str, An
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     keys = list(torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"])
     assert keys == ["module.weight", "module.bias"]  # the attribute stays, DataParallel's `module.` goes
+
+
+@pytest.mark.parametrize("strategy", ["dp", "model_split"])
+def test_a_module_attribute_next_to_a_parameter_resumes_under_our_strategies(
+    tmp_path: Path, strategy: str
+) -> None:
+    options = {"strategy": strategy, "accelerator": "cpu", "devices": 2}
+    fit(tmp_path, TinyModule(wrap="attribute"), **options).save_checkpoint(tmp_path / "a.ckpt")
+    keys = list(load_checkpoint_file(tmp_path / "a.ckpt")["state_dict"])
+    assert keys == ["model.bias", "model.module.weight", "model.module.bias"]
+    again = pl.Trainer(**quiet_trainer_kwargs(tmp_path), max_epochs=2, **options)  # type: ignore[arg-type]
+    again.fit(TinyModule(wrap="attribute"), loader(), ckpt_path=tmp_path / "a.ckpt")
+    assert again.global_step == 8  # 4 restored + 4 trained
+
+
+def test_dp_refuses_an_unsafe_checkpoint_unless_the_user_opts_in(tmp_path: Path) -> None:
+    options = {"strategy": "dp", "accelerator": "cpu", "devices": 2}
+    fit(tmp_path, TinyModule(), **options).save_checkpoint(tmp_path / "a.ckpt")
+    checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    checkpoint["extra"] = Namespace(note="any class: rebuilding it needs full unpickling")
+    torch.save(checkpoint, tmp_path / "unsafe.ckpt")
+
+    refused = pl.Trainer(**quiet_trainer_kwargs(tmp_path), max_epochs=2, **options)  # type: ignore[arg-type]
+    with pytest.raises(UnsafeCheckpointError) as err:
+        refused.fit(TinyModule(), loader(), ckpt_path=tmp_path / "unsafe.ckpt")
+    message = str(err.value)
+    assert "argparse.Namespace" in message and "arbitrary code" in message
+    assert "weights_only=False" in message and "--unsafe-unpickle" in message
+
+    trusted = pl.Trainer(**quiet_trainer_kwargs(tmp_path), max_epochs=2, **options)  # type: ignore[arg-type]
+    trusted.fit(TinyModule(), loader(), ckpt_path=tmp_path / "unsafe.ckpt", weights_only=False)
+    assert trusted.global_step == 8  # 4 restored + 4 trained

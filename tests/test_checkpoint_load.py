@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_gpupar.checkpoint import StateDictMismatchError, load_state_dict_flexible
-from tests.checkpoint_support import TinyModule, make_net
+from tests.checkpoint_support import ModuleNextToAParameter, TinyModule, make_net
 
 Wrap = Callable[[nn.Module], nn.Module]
 
@@ -108,3 +108,15 @@ def test_not_strict_loads_what_matches_and_reports_the_rest() -> None:
     report = load_state_dict_flexible(fresh, state, strict=False)
     assert report.missing == ["3.bias"] and report.unexpected == ["stray"]
     torch.testing.assert_close(fresh[3].weight, net[3].weight)
+
+
+def test_a_module_attribute_next_to_a_parameter_round_trips() -> None:
+    source, fresh = ModuleNextToAParameter(), ModuleNextToAParameter()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    report = load_state_dict_flexible(fresh, source.state_dict())
+    assert report.mapping == {}
+    assert_same_weights(fresh, source)
+    load_state_dict_flexible(fresh, nn.DataParallel(source).state_dict())  # a real wrapper still goes
+    assert_same_weights(fresh, source)

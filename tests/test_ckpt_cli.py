@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_gpupar.cli.ckpt import main
-from tests.checkpoint_support import TinyModule, loader, make_net, quiet_trainer_kwargs
+from tests.checkpoint_support import TinyModule, loader, make_net, quiet_trainer_kwargs, saving_as_cuda3
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_unknown_submodule_lists_candidates(
     assert digest(run_ckpt) == before and not (tmp_path / "o.pt").exists()
 
 
-@pytest.mark.parametrize("kind", ["truncated", "text", "no-state-dict", "pickled", "missing"])
+@pytest.mark.parametrize("kind", ["truncated", "text", "random", "no-state-dict", "pickled", "missing"])
 def test_bad_inputs_fail_cleanly_and_leave_the_file(
     run_ckpt: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,6 +87,8 @@ def test_bad_inputs_fail_cleanly_and_leave_the_file(
         bad.write_bytes(run_ckpt.read_bytes()[:500])
     elif kind == "text":
         bad.write_text("epoch: 3\n")
+    elif kind == "random":
+        bad.write_bytes(bytes(range(256)) * 8)
     elif kind == "no-state-dict":
         torch.save({"epoch": 3, "optimizer_states": []}, bad)
     elif kind == "pickled":
@@ -99,11 +101,13 @@ def test_bad_inputs_fail_cleanly_and_leave_the_file(
         expected = {
             "truncated": "not a readable PyTorch checkpoint",
             "text": "not a readable PyTorch checkpoint",
+            "random": "not a readable PyTorch checkpoint",
             "no-state-dict": "no 'state_dict' entry",
             "pickled": "--unsafe-unpickle",
             "missing": "does not exist",
         }[kind]
         assert expected in err
+        assert ("--unsafe-unpickle" in err) == (kind == "pickled")
     assert (digest(bad) if bad.exists() else None) == before
     assert not (tmp_path / "o.pt").exists()
 
@@ -113,3 +117,20 @@ def test_export_refuses_to_overwrite_its_input(run_ckpt: Path, capsys: pytest.Ca
     assert main(["export", str(run_ckpt), str(run_ckpt), "--force"]) == 1
     assert "is the input checkpoint" in capsys.readouterr().err
     assert digest(run_ckpt) == before
+
+
+def test_export_keeps_a_module_attribute_that_is_no_wrapper(tmp_path: Path) -> None:
+    source = {"module.weight": torch.ones(2, 2), "temperature": torch.ones(1)}
+    torch.save(source, tmp_path / "plain.pt")
+    assert main(["export", str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")]) == 0
+    assert list(torch.load(tmp_path / "out.pt")) == ["module.weight", "temperature"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA checkpoint on a machine without CUDA")
+def test_inspect_shows_the_device_a_tensor_was_saved_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with saving_as_cuda3():
+        torch.save({"state_dict": {"w": torch.arange(4.0)}}, tmp_path / "gpu.ckpt")
+    assert main(["inspect", str(tmp_path / "gpu.ckpt")]) == 0
+    assert "w  (4,)  float32  cuda:3" in capsys.readouterr().out

@@ -35,3 +35,12 @@ def test_table_shows_memory_and_the_auto_pick(
     assert "Fake H100" in out
     assert "40.0 GiB" in out
     assert "device_ids=auto picks [1, 3]" in out
+
+
+def test_an_unreadable_memory_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--min-free-memory", "10parsecs"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--min-free-memory" in err and "'10parsecs'" in err and "10GiB" in err
+    assert "Traceback" not in err

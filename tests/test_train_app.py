@@ -38,6 +38,16 @@ def test_app_trains_tests_and_reports_the_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default run picks GPUs where there are any")
+def test_the_default_demo_run_reaches_95_percent_with_two_cpu_replicas(tmp_path: Path) -> None:
+    """`make demo`: the default config, nothing overridden but where the output goes."""
+    result = run_app(tmp_path)
+    assert "strategy: DataParallelStrategy on cpu, cpu" in result.stdout.splitlines()
+    accuracy = next(line for line in result.stdout.splitlines() if line.startswith("test_acc: "))
+    assert float(accuracy.removeprefix("test_acc: ")) >= 0.95, result.stdout
+
+
+@pytest.mark.slow
 def test_app_trains_the_transformer(tmp_path: Path) -> None:
     result = run_app(
         tmp_path,
@@ -66,8 +76,11 @@ def test_app_rejects_an_unknown_strategy_with_the_options(tmp_path: Path) -> Non
 
 def test_missing_scikit_learn_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    with pytest.raises(ImportError, match=r"pip install 'lightning-gpupar\[examples\]'"):
+    with pytest.raises(ImportError) as err:
         DigitsDataModule().setup("fit")
+    assert "pip install scikit-learn" in str(err.value)
+    assert "pip install -c constraints.txt -e '.[examples]'" in str(err.value)
+    assert "lightning-gpupar[" not in str(err.value)  # not on PyPI
 
 
 def test_digits_splits_are_seeded() -> None:

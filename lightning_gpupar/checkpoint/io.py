@@ -1,7 +1,8 @@
 """Reading and writing checkpoint files safely.
 
 Writes go to a temporary file in the target's directory, are fsynced, then ``os.replace``d onto the
-target, so an exception or a kill mid-write leaves the previous file whole. (Lightning's
+target, so an exception or a kill mid-write leaves the previous file whole; the next successful save
+to that target removes the temporary files killed saves left behind. (Lightning's
 ``_atomic_save`` serialises into memory first, then writes the target in place, or through fsspec's
 local transaction, whose temporary file lives in the system temp dir and is moved over with a
 copy when that is another filesystem: a kill during that write truncates the old checkpoint.)
@@ -13,8 +14,10 @@ that say what is wrong with the file and what to do.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,12 +62,24 @@ def atomic_write(path: _PATH, write: Callable[[Any], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _remove_stale_temporary_files(target)
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _remove_stale_temporary_files(target: Path) -> None:
+    """Delete what killed saves to ``target`` left behind (their ``.NAME.*.tmp`` files).
+
+    Runs after this save's own rename, so only other writers' files match: one process writes a
+    given checkpoint at a time (rank 0 in Lightning), so those are leftovers, not saves in flight.
+    """
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -81,8 +96,9 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: b
     try:
         return torch.load(file, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        if weights_only and "Weights only load failed" in str(err):
-            raise UnsafeCheckpointError(_unsafe_message(file)) from err
+        needed = _globals_outside_the_allow_list(file, err) if weights_only else []
+        if needed:
+            raise UnsafeCheckpointError(_unsafe_message(file, needed)) from err
         raise _file_error(file, err) from err
     except Exception as err:  # torch's readers fail in many ways on bytes that are not a checkpoint
         raise _file_error(file, err) from err
@@ -133,20 +149,38 @@ def _umask() -> int:
     return mask
 
 
-def _unsafe_message(file: Path) -> str:
+#: How torch's weights-only unpickler names a global it refuses (not allow-listed, or from a blocked module).
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+#: Where torch's wrapped message quotes the unpickler's own words.
+_UNPICKLER_SAID = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", re.DOTALL)
+
+
+def _globals_outside_the_allow_list(file: Path, err: BaseException) -> list[str]:
+    """The globals a weights-only load refused; empty when the file failed for another reason.
+
+    Only these mean "the file is fine but needs full unpickling": a corrupt, foreign or plain-pickle
+    file also fails as "Weights only load failed", and must not be sent to unsafe unpickling.
+    """
     try:
-        found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(file)) or "none listed"
-    except Exception:  # not a zip checkpoint: torch cannot list what it would import
-        found = "unknown (the file is not in torch's zip format: an old torch.save or a plain pickle)"
+        listed = list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # not torch's zip format, or its pickle is broken: rely on torch's message
+        listed = []
+    return listed or _REFUSED_GLOBAL.findall(str(err))
+
+
+def _unsafe_message(file: Path, needed: list[str]) -> str:
     return (
         f"Checkpoint {str(file)!r} cannot be loaded with weights_only=True: it needs these Python objects "
-        f"rebuilt: {found}. {UNSAFE_HINT} Or allow just those types: torch.serialization.add_safe_globals."
+        f"rebuilt: {', '.join(needed)}. {UNSAFE_HINT} Or allow just those types: "
+        "torch.serialization.add_safe_globals."
     )
 
 
 def _file_error(file: Path, err: BaseException) -> CheckpointFileError:
-    reason = (str(err).splitlines() or [""])[0] or type(err).__name__
+    said = _UNPICKLER_SAID.search(str(err))
+    reason = said.group(1).strip() if said else (str(err).splitlines() or [""])[0]
     return CheckpointFileError(
         f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
-        f"truncated, corrupted or another kind of file. torch said: {type(err).__name__}: {reason}"
+        f"truncated, corrupted or another kind of file (a plain pickle is one). torch said: "
+        f"{type(err).__name__}: {reason or type(err).__name__}"
     )

@@ -1,11 +1,11 @@
 """Canonical state-dict keys: the wrapper segments that DataParallel, DDP, torch.compile and Fabric add.
 
-From keys alone, a segment counts as a wrapper only where every key below that point goes through
-wrapper segments (the wrappers own no parameters of their own), so a user's attribute that happens to be
-called ``module`` next to other attributes is left alone. When the module that produced the state dict is
-at hand (saving), the wrappers are read off the module itself instead: only the inner attribute of a real
-DataParallel, DDP, ``torch.compile`` or Fabric wrapper is removed, so even a lone attribute named
-``module`` keeps its name.
+From keys alone, a segment counts as a wrapper only where all its siblings (submodules and tensors
+alike) are wrapper segments too (the wrappers own no parameters of their own), so a user's attribute
+that happens to be called ``module`` next to other attributes or parameters is left alone. When the
+module that produced the state dict is at hand (saving), the wrappers are read off the module itself
+instead: only the inner attribute of a real DataParallel, DDP, ``torch.compile`` or Fabric wrapper is
+removed, so even a lone attribute named ``module`` keeps its name.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ class KeyTree:
     def __init__(self, keys: Iterable[str], wrappers: frozenset[str] | None = None) -> None:
         self._wrappers = wrappers
         self._children: dict[tuple[str, ...], set[str]] = defaultdict(set)
-        for key in keys:
+        for key in keys:  # every segment, the tensor's own name included, is a child of its parent path
             segments = key.split(".")
-            for i in range(len(segments) - 1):
+            for i in range(len(segments)):
                 self._children[tuple(segments[:i])].add(segments[i])
 
     def canonical(self, path: str, *, is_key: bool = True) -> str:

@@ -15,7 +15,10 @@ from lightning_gpupar.devices import auto_select, format_bytes, parse_bytes, que
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpupar-devices", description=__doc__)
     parser.add_argument(
-        "--min-free-memory", default="1GiB", help="what 'auto' requires free on a GPU (default: 1GiB)"
+        "--min-free-memory",
+        type=_size,
+        default="1GiB",
+        help="what 'auto' requires free on a GPU, e.g. 512MiB or 10GiB (default: 1GiB)",
     )
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    min_free = parse_bytes(args.min_free_memory)
+    min_free: int = args.min_free_memory
     picked = auto_select(gpus, min_free)
     table = Table(title="CUDA devices")
     for column in ("id", "name", "total", "free", "util", "processes", "auto"):
@@ -56,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     if all(g.utilization_percent is None for g in gpus):
         console.print("Install nvidia-ml-py for utilisation and process lists.")
     return 0
+
+
+def _size(value: str) -> int:
+    """argparse type: a memory size, or a usage error that says how to write one."""
+    try:
+        return parse_bytes(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 if __name__ == "__main__":
