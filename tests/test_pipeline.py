@@ -8,7 +8,8 @@ from torch import nn
 
 from examples.models import TransformerNet
 from lightning_gpupar.pipeline import PipelineError, gpipe_schedule, install_pipeline
-from lightning_gpupar.placement import PlacementError, plan_placement
+from lightning_gpupar.placement import PlacementError, apply_placement, plan_placement
+from tests.conftest import requires_cuda
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
 MAP = {"embed": 0, "blocks.0-1": 0, "blocks.2-3": 1, "head": 1}
@@ -194,3 +195,34 @@ def test_the_chain_check_leaves_batchnorm_running_statistics_alone() -> None:
     assert checked.norm.num_batches_tracked == unchecked[1].num_batches_tracked == 2  # one per micro-batch
     torch.testing.assert_close(checked.norm.running_mean, unchecked[1].running_mean, rtol=0, atol=0)
     torch.testing.assert_close(checked.norm.running_var, unchecked[1].running_var, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("devices", [("cuda:0", "cpu"), ("cpu", "cuda:0"), ("cuda:0", "cuda:0")])
+def test_pipeline_across_cuda_and_cpu_equals_the_unsplit_model(devices: tuple[str, str]) -> None:
+    """Activations cross devices through the copy streams and events, in both directions."""
+    tokens = torch.randint(0, 16, (10, 12))
+    target = torch.randn(10, 3, dtype=torch.float64)
+    reference = net()
+    nn.functional.mse_loss(reference(tokens), target).backward()
+    split = net()
+    plan = plan_placement(split, [torch.device(d) for d in devices], MAP)
+    apply_placement(split, plan)
+    install_pipeline(split, plan, list(MAP), 4)
+    pipeline = split.__dict__["forward"]
+    for _ in range(2):  # the second call reuses the first call's streams
+        split.zero_grad()
+        out = split(tokens.to(plan.output_device))
+        loss = nn.functional.mse_loss(out, target.to(out.device))
+        loss.backward()
+    assert pipeline.calls == 2 and out.device == plan.output_device
+    cuda = torch.device("cuda", 0)
+    streams = pipeline.streams
+    assert list(streams.compute_streams) == [cuda] and streams.compute_streams[
+        cuda
+    ] != streams.copy_streams.get(cuda)
+    torch.testing.assert_close(
+        loss.cpu(), nn.functional.mse_loss(reference(tokens), target), rtol=1e-10, atol=1e-12
+    )
+    for (name, p), q in zip(reference.named_parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-10, atol=1e-12, msg=name)
