@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from examples.models import TransformerNet
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.config import build_trainer
+from lightning_gpupar.model_split import optimizer_state_to_parameter_devices
 from lightning_gpupar.pipeline import PipelineError
 from lightning_gpupar.placement import PlacementError
 from tests.conftest import requires_cuda
@@ -58,7 +59,8 @@ class TokenNet(pl.LightningModule):
         self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)  # not scale-invariant: clipping shows in weights
+        # momentum: optimizer state to keep with the parameters; not scale-invariant: clipping shows in weights
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
 def loader(n: int = 25, batch_size: int = 10) -> DataLoader:
@@ -169,7 +171,40 @@ def test_split_checkpoint_loads_unsplit_and_under_another_placement(tmp_path: Pa
     trainer = fit(resumed, other, devices=2, max_steps=3, ckpt_path=str(path))
     assert trainer.global_step == 3 and len(resumed.losses) == 1
     state = trainer.optimizers[0].state
-    assert all(s["exp_avg"].device == p.device for p, s in state.items())
+    assert len(state) == len(list(resumed.parameters()))
+    assert all(s["momentum_buffer"].device == p.device for p, s in state.items())
+
+
+def test_optimizer_state_is_loaded_onto_each_parameters_device() -> None:
+    """meta stands in for a second accelerator; Lightning would move all state to root_device (the CPU)."""
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    trained = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    trained.step()  # state (exp_avg, exp_avg_sq, step) on the CPU, as a checkpoint loads it
+    model[0].to(meta)
+    strategy = ModelSplitStrategy({"0": 0, "1": 1}, parallel_devices=[meta, cpu])
+    strategy.optimizers = [torch.optim.Adam(model.parameters())]
+    assert strategy.root_device == cpu
+    strategy.load_optimizer_state_dict({"optimizer_states": [trained.state_dict()]})
+    state = strategy.optimizers[0].state
+    for param in model.parameters():
+        assert state[param]["exp_avg"].device == state[param]["exp_avg_sq"].device == param.device
+    assert {p.device for p in state} == {meta, cpu}
+
+
+def test_optimizer_state_follows_its_parameters_after_lightnings_move() -> None:
+    param = nn.Parameter(torch.zeros(3, device="meta"))
+    optimizer = torch.optim.Adam([param])
+    optimizer.state[param] = {
+        "step": torch.tensor(1.0),
+        "exp_avg": torch.zeros(3),
+        "exp_avg_sq": torch.zeros(3),
+    }
+    optimizer_state_to_parameter_devices(optimizer)  # what setup runs after Lightning moved it to the root
+    state = optimizer.state[param]
+    assert state["exp_avg"].is_meta and state["exp_avg_sq"].is_meta
+    assert state["step"].device.type == "cpu"  # torch keeps Adam's step counter on the CPU
 
 
 def test_hydra_split_config_with_dotted_placement_keys(compose_app: Callable[..., DictConfig]) -> None:
