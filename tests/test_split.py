@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,10 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from examples.models import TransformerNet
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.config import build_trainer
+from lightning_gpupar.devices import GPUInfo
 from lightning_gpupar.model_split import optimizer_state_to_parameter_devices
 from lightning_gpupar.pipeline import PipelineError
 from lightning_gpupar.placement import PlacementError
-from tests.conftest import requires_cuda
+from tests.conftest import GiB, requires_cuda
 
 MAP = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
 #: The command line of the issue, exactly as written there.
@@ -59,7 +61,7 @@ class TokenNet(pl.LightningModule):
         self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # momentum: optimizer state to keep with the parameters; not scale-invariant: clipping shows in weights
+        # momentum: state that must stay with its parameters; not scale-invariant: clipping shows in weights
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
@@ -256,3 +258,20 @@ def test_auto_pipeline_with_a_parameter_free_stage_equals_single_device() -> Non
     split = run(batch_size=7, n=35, max_steps=3, devices=2, strategy=ModelSplitStrategy(chunks=3))
     torch.testing.assert_close(split.losses, single.losses, rtol=1e-10, atol=0)
     assert_same(split.weights, single.weights)
+
+
+def test_a_plan_that_exceeds_free_gpu_memory_fails_before_training(
+    fake_gpus: Callable[..., list[GPUInfo]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_gpus(40, 40)
+    free = {0: 80 * GiB, 1: 1024}  # bytes free per GPU: cuda:1 cannot take its half
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device: (free[torch.device(device).index], 80 * GiB)
+    )
+    monkeypatch.setattr(CUDAAccelerator, "setup_device", lambda self, device: None)  # the GPUs are fake
+    module = TokenNet()
+    message = r"(?s)does not fit: cuda:1 needs 51\.9 KiB but has 1\.0 KiB free.*model\.blocks\.2\s+1\s+cuda:1"
+    with pytest.raises(PlacementError, match=message):
+        fit(module, ModelSplitStrategy(MAP), accelerator="gpu", devices=2)
+    assert module.losses == [] and module.grads == []  # no step ran
+    assert all(p.device.type == "cpu" for p in module.parameters())  # nothing was moved
