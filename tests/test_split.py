@@ -72,7 +72,12 @@ def loader(n: int = 25, batch_size: int = 10) -> DataLoader:
 
 
 def fit(
-    module: TokenNet, strategy: Any = "auto", devices: int = 1, ckpt_path: str | None = None, **kwargs: Any
+    module: TokenNet,
+    strategy: Any = "auto",
+    devices: int = 1,
+    ckpt_path: str | None = None,
+    samples: int = 25,
+    **kwargs: Any,
 ) -> pl.Trainer:
     options: dict[str, Any] = dict(
         accelerator="cpu",
@@ -84,7 +89,7 @@ def fit(
         gradient_clip_val=0.05,
     )
     trainer = pl.Trainer(devices=devices, strategy=strategy, **{**options, **kwargs})
-    trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    trainer.fit(module, loader(samples), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -159,19 +164,28 @@ def test_chunks_must_be_a_positive_int(chunks: Any) -> None:
 
 
 def test_split_checkpoint_loads_unsplit_and_under_another_placement(tmp_path: Path) -> None:
+    uninterrupted = TokenNet()
+    fit(uninterrupted, ModelSplitStrategy(MAP, chunks=2), devices=2, max_steps=3, samples=20)
     module = TokenNet()
-    trainer = fit(module, ModelSplitStrategy(MAP, chunks=2), devices=2, max_steps=2)
+    trainer = fit(module, ModelSplitStrategy(MAP, chunks=2), devices=2, max_steps=2, samples=20)  # 1 epoch
     path = tmp_path / "split.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     plain = TokenNet()
     plain.load_state_dict(saved["state_dict"])  # strict: canonical keys, no wrapper prefixes
-    assert saved["state_dict"].keys() == plain.state_dict().keys()
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(saved["state_dict"][key], value, rtol=0, atol=0, msg=key)
 
     resumed = TokenNet()
     other = ModelSplitStrategy({"model.embed": 0, "model.blocks": 1, "model.head": 1})
-    trainer = fit(resumed, other, devices=2, max_steps=3, ckpt_path=str(path))
+    trainer = fit(resumed, other, devices=2, max_steps=3, ckpt_path=str(path), samples=20)
     assert trainer.global_step == 3 and len(resumed.losses) == 1
+    # weights and momentum came back: the resumed step is the uninterrupted run's third (epoch 1, batch 0)
+    torch.testing.assert_close(resumed.losses, uninterrupted.losses[2:], rtol=1e-10, atol=1e-12)
+    for (key, value), expected in zip(
+        resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12, msg=key)
     state = trainer.optimizers[0].state
     assert len(state) == len(list(resumed.parameters()))
     assert all(s["momentum_buffer"].device == p.device for p, s in state.items())
