@@ -19,7 +19,7 @@ from examples.models import TransformerNet
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.config import build_trainer
 from lightning_gpupar.devices import GPUInfo
-from lightning_gpupar.model_split import optimizer_state_to_parameter_devices
+from lightning_gpupar.model_split import ModelSplit, optimizer_state_to_parameter_devices
 from lightning_gpupar.pipeline import PipelineError
 from lightning_gpupar.placement import PlacementError
 from tests.conftest import GiB, requires_cuda
@@ -289,3 +289,62 @@ def test_a_plan_that_exceeds_free_gpu_memory_fails_before_training(
         fit(module, ModelSplitStrategy(MAP), accelerator="gpu", devices=2)
     assert module.losses == [] and module.grads == []  # no step ran
     assert all(p.device.type == "cpu" for p in module.parameters())  # nothing was moved
+
+
+CPU_META = [torch.device("cpu"), torch.device("meta")]  # meta stands in for a second accelerator
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_declared_output_device_holds_outputs_and_is_self_device(chunks: int) -> None:
+    module = TokenNet()
+    placement = {"model.embed": 0, "model.blocks": 0, "model.head": 0}
+    strategy = ModelSplitStrategy(placement, chunks, output_device=1, parallel_devices=CPU_META)
+    assert strategy.root_device == torch.device("meta")  # where batches arrive, before and after placing
+    strategy.connect(module)
+    strategy.model_to_device()
+    assert module.device == strategy.root_device == torch.device("meta")
+    assert all(p.device.type == "cpu" for p in module.parameters())
+    out = module(torch.randint(0, 16, (4, 12)))
+    assert out.is_meta and out.shape == (4, 3)
+
+
+class Encode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.linear(batch["x"]) * batch["mask"], {"mask": batch["mask"]}
+
+
+class Decode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.seen: list[set[torch.device]] = []
+
+    def forward(self, pair: tuple[Tensor, dict[str, Tensor]]) -> dict[str, Tensor]:
+        hidden, extra = pair
+        self.seen.append({hidden.device, extra["mask"].device})
+        return {"y": self.linear(hidden), "mask": extra["mask"]}
+
+
+class NestedNet(nn.Module):
+    """Stages that take and return dicts and tuples: every tensor in them must move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode, self.decode = Encode(), Decode()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.decode(self.encode(batch))
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_nested_inputs_and_activations_move_to_each_stage(chunks: int) -> None:
+    model = NestedNet()
+    ModelSplit({"encode": 0, "decode": 1}, chunks=chunks).apply(model, CPU_META, "test")
+    out = model({"x": torch.randn(6, 3), "mask": torch.ones(6, 1)})
+    assert set(out) == {"y", "mask"} and out["y"].is_meta and out["mask"].is_meta
+    assert out["y"].shape == (6, 2) and out["mask"].shape == (6, 1)  # micro-batch outputs concatenated
+    assert model.decode.seen == [{torch.device("meta")}] * (chunks + (chunks > 1))  # + the chain check
