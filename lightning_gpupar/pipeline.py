@@ -85,6 +85,7 @@ class Pipeline:
         chunks: int,
         output_device: torch.device,
         check_first_call: Callable[[Any, Any], None] | None = None,
+        owner_name: str = "the stage owner",
     ) -> None:
         if chunks < 1:
             raise PipelineError(f"chunks={chunks}: the number of micro-batches must be >= 1.")
@@ -92,6 +93,7 @@ class Pipeline:
         self.chunks = chunks
         self.output_device = output_device
         self.check_first_call = check_first_call
+        self.owner_name = owner_name
         self.streams = DeviceStreams()
         self.calls = 0  #: how many batches ran through the pipeline
 
@@ -254,8 +256,8 @@ def _devices_of(data: Any) -> list[torch.device]:
 class PipelineHandle:
     """Undo :func:`install_pipeline`: the owner gets its own ``forward`` back."""
 
-    def __init__(self, owner: nn.Module, previous: Any) -> None:
-        self.owner, self.previous = owner, previous
+    def __init__(self, owner: nn.Module, previous: Any, pipeline: Pipeline) -> None:
+        self.owner, self.previous, self.pipeline = owner, previous, pipeline
 
     def remove(self) -> None:
         self.owner.__dict__.pop("forward", None)
@@ -302,14 +304,15 @@ def install_pipeline(
             "the unsplit model. Prefer GroupNorm/LayerNorm, or chunks=1.",
             stacklevel=2,
         )
+    name = f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
     check = None
     if not isinstance(owner, nn.Sequential) and paths != [owner_path]:
         original = previous or type(owner).forward.__get__(owner)
         stage_modules = [(p, root.get_submodule(p)) for p in paths]
-        name = f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
         check = functools.partial(check_stage_chain, name, original, stage_modules)
-    owner.__dict__["forward"] = Pipeline(partitions, chunks, plan.output_device, check)
-    return PipelineHandle(owner, previous)
+    pipeline = Pipeline(partitions, chunks, plan.output_device, check, owner_name=name)
+    owner.__dict__["forward"] = pipeline
+    return PipelineHandle(owner, previous, pipeline)
 
 
 def _stage_paths(root: nn.Module, stages: Sequence[str]) -> list[str]:

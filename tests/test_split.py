@@ -111,7 +111,9 @@ def single() -> TokenNet:
 
 
 @pytest.mark.parametrize(("placement", "chunks"), [(MAP, 1), (MAP, 4), ("auto", 3)])
-def test_split_training_equals_single_device(single: TokenNet, placement: Any, chunks: int) -> None:
+def test_split_training_equals_single_device(
+    single: TokenNet, placement: Any, chunks: int, recwarn: pytest.WarningsRecorder
+) -> None:
     # batches of 10, 10, 5: with chunks=4 micro-batches of 3,3,2,2 and then 2,1,1,1
     split = TokenNet()
     head_calls: list[int] = []
@@ -121,6 +123,25 @@ def test_split_training_equals_single_device(single: TokenNet, placement: Any, c
     assert len(head_calls) == 3 * chunks + (chunks > 1)
     assert_same_training(single, split)
     assert split.devices_seen == [trainer.strategy.root_device] * 3
+    assert not [w for w in recwarn if "never called the forward" in str(w.message)]
+
+
+class StageCaller(TokenNet):
+    """Calls the stages itself: the pipelined forward of ``model`` never runs."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        hidden = self.model.embed(tokens)
+        for block in self.model.blocks:
+            hidden = block(hidden)
+        return F.cross_entropy(self.model.head(hidden), labels)
+
+
+def test_a_training_step_that_bypasses_the_pipeline_warns_once() -> None:
+    message = r"chunks=2, but the first training step never called the forward of model \(TransformerNet\)"
+    with pytest.warns(UserWarning, match=message) as record:
+        fit(StageCaller(), ModelSplitStrategy(MAP, chunks=2), devices=2)
+    assert sum("never called the forward" in str(w.message) for w in record) == 1  # 3 steps, one warning
 
 
 def test_registered_name_plans_and_documents_the_root_device() -> None:
