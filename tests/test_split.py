@@ -277,12 +277,16 @@ def test_the_transformer_example_trains_split_and_pipelined(
 
 
 @requires_cuda
-def test_two_stages_on_one_gpu_equal_single_device(single: TokenNet) -> None:
+@pytest.mark.parametrize("second", ["cuda:0", "cpu"])
+def test_two_stages_on_a_gpu_equal_single_device(single: TokenNet, second: str) -> None:
+    """Both stages on cuda:0, or the second on the CPU (activations and gradients cross devices)."""
     cuda = torch.device("cuda", 0)
     split = TokenNet()
-    strategy = ModelSplitStrategy(MAP, chunks=4, parallel_devices=[cuda, cuda])
+    devices = [cuda, torch.device(second)]
+    strategy = ModelSplitStrategy(MAP, chunks=4, output_device=0, parallel_devices=devices)
     fit(split, strategy, accelerator="gpu", devices=1)
     assert_same_training(single, split)
+    assert split.devices_seen == [cuda] * 3
 
 
 def test_auto_pipeline_with_a_parameter_free_stage_equals_single_device() -> None:
@@ -313,6 +317,19 @@ def test_a_plan_that_exceeds_free_gpu_memory_fails_before_training(
 
 
 CPU_META = [torch.device("cpu"), torch.device("meta")]  # meta stands in for a second accelerator
+
+
+def test_the_issues_placement_pipelines_across_a_real_device_change() -> None:
+    """Each move to meta makes a new tensor, as between two GPUs: the chain check must still pass."""
+    module = TokenNet()
+    strategy = ModelSplitStrategy(MAP, chunks=4, parallel_devices=CPU_META)
+    strategy.connect(module)
+    strategy.model_to_device()
+    assert (
+        module.model.blocks[1].linear1.weight.device.type == "cpu" and module.model.head.linear.weight.is_meta
+    )
+    out = module(torch.randint(0, 16, (10, 12)))
+    assert out.is_meta and out.shape == (10, 3)
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
