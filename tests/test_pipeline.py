@@ -217,10 +217,8 @@ def test_pipeline_across_cuda_and_cpu_equals_the_unsplit_model(devices: tuple[st
         loss.backward()
     assert pipeline.calls == 2 and out.device == plan.output_device
     cuda = torch.device("cuda", 0)
-    streams = pipeline.streams
-    assert list(streams.compute_streams) == [cuda] and streams.compute_streams[
-        cuda
-    ] != streams.copy_streams.get(cuda)
+    compute, copy = pipeline.streams.compute_streams, pipeline.streams.copy_streams
+    assert list(compute) == [cuda] and compute[cuda] != copy.get(cuda)  # one of each, kept across calls
     torch.testing.assert_close(
         loss.cpu(), nn.functional.mse_loss(reference(tokens), target), rtol=1e-10, atol=1e-12
     )
