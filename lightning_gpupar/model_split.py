@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 else:
     _StrategyBase = object
 
-from lightning_gpupar.pipeline import Checkpoint, PipelineHandle, install_pipeline
+from lightning_gpupar.pipeline import Checkpoint, Pipeline, PipelineHandle, install_pipeline
 from lightning_gpupar.placement import (
     Placement,
     PlacementError,
@@ -40,6 +40,12 @@ class AppliedSplit:
 
     plan: PlacementPlan
     handles: list[PlacementHandle | PipelineHandle] = field(default_factory=list)
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """The pipeline installed for ``chunks > 1`` (``None`` for ``chunks=1``)."""
+        found = [h.pipeline for h in self.handles if isinstance(h, PipelineHandle)]
+        return found[0] if found else None
 
     def remove(self) -> None:
         for handle in reversed(self.handles):
@@ -139,10 +145,29 @@ def optimizer_state_to_parameter_devices(optimizer: Optimizer) -> None:
 
 class SplitStrategyMixin(_StrategyBase):
     """The strategy side of a :class:`ModelSplit`, shared by ``model_split`` and ``ddp_split``: place and
-    unplace the model, keep optimizer state with its parameters, check the batches against ``chunks``."""
+    unplace the model, keep optimizer state with its parameters, check the batches against ``chunks``,
+    and warn when a training step bypasses the pipeline."""
 
     split: ModelSplit
     applied: AppliedSplit | None = None
+    _pipeline_use_checked: bool = False
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The LightningModule's step; after the first one, warn if ``chunks > 1`` had no effect."""
+        pipeline = self.applied.pipeline if self.applied is not None else None
+        calls = pipeline.calls if pipeline is not None else 0
+        output = super().training_step(*args, **kwargs)
+        if pipeline is not None and not self._pipeline_use_checked:
+            self._pipeline_use_checked = True
+            if pipeline.calls == calls:
+                rank_zero_warn(
+                    f"chunks={self.split.chunks}, but the first training step never called the forward of "
+                    f"{pipeline.owner_name}, so no batch was split into micro-batches: the pipeline only "
+                    "replaces that forward, and a training_step that calls the stages itself runs them on "
+                    "the whole batch. Call the owner (e.g. self.model(x)) in training_step, or use chunks=1.",
+                    category=UserWarning,
+                )
+        return output
 
     def _place(self, module: nn.Module, devices: Sequence[torch.device], title: str) -> AppliedSplit:
         self._unplace()

@@ -10,8 +10,9 @@ stage's output as its one positional argument. Consecutive stages on one device 
 along dim 0 into ``chunks`` micro-batches, partition ``j`` runs micro-batch ``i`` at clock tick ``i + j``
 (GPipe's fill-drain schedule), and the outputs are gathered as dp gathers them
 (:mod:`lightning_gpupar.gather`: per-sample tensors concatenated in order). The caller computes its loss
-on the full output, so autograd's backward equals the unsplit model's. On CUDA each device works on its
-own stream, so partitions on different GPUs overlap; on the CPU the same schedule runs in order.
+on the full output, so autograd's backward equals the unsplit model's. On CUDA each device computes on
+its own stream and copies activations on another, ordered by events (:class:`DeviceStreams`), so
+partitions on different GPUs overlap; on the CPU the same schedule runs in order.
 
 Caveats: BatchNorm normalises each micro-batch separately and updates its running statistics once per
 micro-batch, so a model with BatchNorm in training mode is not equivalent to the unsplit model for
@@ -84,6 +85,7 @@ class Pipeline:
         chunks: int,
         output_device: torch.device,
         check_first_call: Callable[[Any, Any], None] | None = None,
+        owner_name: str = "the stage owner",
     ) -> None:
         if chunks < 1:
             raise PipelineError(f"chunks={chunks}: the number of micro-batches must be >= 1.")
@@ -91,27 +93,33 @@ class Pipeline:
         self.chunks = chunks
         self.output_device = output_device
         self.check_first_call = check_first_call
+        self.owner_name = owner_name
+        self.streams = DeviceStreams()
+        self.calls = 0  #: how many batches ran through the pipeline
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         shards, sizes = split_batch((args, kwargs), self.chunks)
         if self.check_first_call is not None:
             self.check_first_call(*shards[0])
             self.check_first_call = None
-        streams = _Streams([p.device for p in self.partitions])
-        streams.start()
+        self.calls += 1
+        streams = self.streams
+        start = streams.begin([p.device for p in self.partitions], _devices_of(shards[0]))
         data: list[Any] = list(shards)
+        ready: list[torch.cuda.Event | None] = [start] * len(shards)  # data[i] is valid once ready[i] fired
         for tick in gpipe_schedule(len(shards), len(self.partitions)):
             for i, j in tick:
-                data[i] = self._run(self.partitions[j], data[i], first=j == 0, streams=streams)
-        with streams.use(self.partitions[-1].device, self.output_device):
-            outputs = [move_data_to_device(d, self.output_device) for d in data]
-        streams.finish(self.output_device, outputs)
+                data[i], ready[i] = self._run(self.partitions[j], data[i], ready[i], first=j == 0)
+        outputs = [streams.deliver(d, r, self.output_device) for d, r in zip(data, ready, strict=True)]
+        streams.end()
         return gather_outputs(outputs, sizes, self.output_device)
 
-    @staticmethod
-    def _run(partition: Partition, data: Any, first: bool, streams: _Streams) -> Any:
-        with streams.use(_device_of(data), partition.device):
-            data = move_data_to_device(data, partition.device)
+    def _run(
+        self, partition: Partition, data: Any, ready: torch.cuda.Event | None, first: bool
+    ) -> tuple[Any, torch.cuda.Event | None]:
+        """Run one micro-batch through one partition; returns its output and the event that marks it done."""
+        data, ready = self.streams.transfer(data, ready, partition.device)
+        with self.streams.compute(partition.device, data, ready):
             steps = zip(partition.stages, partition.checkpointed, strict=True)
             for k, (stage, checkpointed) in enumerate(steps):
                 args, kwargs = data if first and k == 0 else ((data,), {})
@@ -119,47 +127,127 @@ class Pipeline:
                     data = recompute(stage, *args, use_reentrant=False, **kwargs)
                 else:
                     data = stage(*args, **kwargs)
-        return data
+        return data, self.streams.record(partition.device)
 
 
-class _Streams:
-    """One side stream per CUDA device; a no-op on the CPU."""
+class DeviceStreams:
+    """The CUDA side of a pipeline; for devices other than CUDA every method does nothing but move data.
 
-    def __init__(self, devices: Sequence[torch.device]) -> None:
-        self.streams = {d: torch.cuda.Stream(d) for d in dict.fromkeys(devices) if d.type == "cuda"}
+    Each CUDA device gets, once, a *compute* stream, where its partitions run, and a *copy* stream, where
+    activations entering or leaving it are copied (torch copies between two GPUs on the source device's
+    current stream, after a barrier with the destination's: on the compute streams that barrier would make
+    partition ``j - 1`` wait for partition ``j``'s queued work). A micro-batch travels with the event
+    after which its tensors are valid:
 
-    def start(self) -> None:
-        """Side streams wait for the work queued so far (the micro-batches' source)."""
-        for device, stream in self.streams.items():
-            stream.wait_stream(torch.cuda.current_stream(device))
+    - :meth:`transfer`: the copy streams wait for the event, copy, and record the copy's own event;
+    - :meth:`compute`: the compute stream waits for the event, runs the stages; :meth:`record` marks the end.
+
+    Events, not whole-stream waits: when micro-batch ``i`` leaves partition ``j - 1``, that partition's
+    stream already holds micro-batch ``i + 1`` (the schedule queues it first in the same tick), and the
+    copy must not wait for it. Memory allocated on one stream and read on another is marked with
+    ``record_stream``, so the allocator does not reuse it before the reader is done.
+    """
+
+    def __init__(self) -> None:
+        self.compute_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def begin(
+        self, devices: Sequence[torch.device], sources: Sequence[torch.device]
+    ) -> torch.cuda.Event | None:
+        """Compute streams wait for the caller's work so far (e.g. the optimizer's updates of the
+        parameters); returns the event after which the input, on ``sources``, is valid."""
+        for device in dict.fromkeys(devices):
+            if device.type == "cuda":
+                self._compute(device).wait_stream(torch.cuda.current_stream(device))
+        cuda = [d for d in sources if d.type == "cuda"]
+        if len(cuda) > 1:  # an input spread over GPUs: one stream that waits for all of them
+            for device in cuda[1:]:
+                torch.cuda.current_stream(cuda[0]).wait_stream(torch.cuda.current_stream(device))
+        return torch.cuda.current_stream(cuda[0]).record_event() if cuda else None
+
+    def transfer(
+        self, data: Any, ready: torch.cuda.Event | None, device: torch.device
+    ) -> tuple[Any, torch.cuda.Event | None]:
+        """Move ``data`` (valid once ``ready`` fired) to ``device``; returns it and the event of the copy."""
+        sources = [d for d in _devices_of(data) if d != device]
+        if not sources:
+            return data, ready
+        ends = [d for d in dict.fromkeys([device, *sources]) if d.type == "cuda"]
+        with contextlib.ExitStack() as stack:
+            for end in ends:  # the copy streams of both ends are current during the copy
+                stack.enter_context(torch.cuda.stream(self._copy(end)))
+                if ready is not None:
+                    self._copy(end).wait_event(ready)
+                _keep_for(data, self._copy(end))  # the source's tensors are read on its copy stream
+            moved = move_data_to_device(data, device)  # a copy to the CPU synchronises: done on return
+            done = self._copy(device).record_event() if device.type == "cuda" else None
+        return moved, done
 
     @contextlib.contextmanager
-    def use(self, *devices: torch.device | None) -> Iterator[None]:
-        """Make the side streams of ``devices`` current, so a copy between them orders after both."""
-        with contextlib.ExitStack() as stack:
-            for device in dict.fromkeys(devices):
-                if device in self.streams:
-                    stack.enter_context(torch.cuda.stream(self.streams[device]))
+    def compute(self, device: torch.device, data: Any, ready: torch.cuda.Event | None) -> Iterator[None]:
+        """Run the block on ``device``'s compute stream, once ``data`` is valid."""
+        if device.type != "cuda":
+            yield
+            return
+        stream = self._compute(device)
+        _hand_over(data, ready, stream)
+        with torch.cuda.stream(stream):
             yield
 
-    def finish(self, device: torch.device, outputs: Any) -> None:
-        """The caller's stream waits for the pipeline; outputs stay allocated until it has used them."""
-        if device not in self.streams:
-            return
-        current = torch.cuda.current_stream(device)
-        current.wait_stream(self.streams[device])
-        for out in outputs:
-            _apply_tensors(out, lambda t: t.record_stream(current))
+    def record(self, device: torch.device) -> torch.cuda.Event | None:
+        """The event marking the end of the work queued so far on ``device``'s compute stream."""
+        return self._compute(device).record_event() if device.type == "cuda" else None
+
+    def deliver(self, data: Any, ready: torch.cuda.Event | None, device: torch.device) -> Any:
+        """Move an output to ``device`` for the caller: its current stream waits until the output is valid."""
+        data, ready = self.transfer(data, ready, device)
+        if device.type == "cuda":
+            _hand_over(data, ready, torch.cuda.current_stream(device))
+        return data
+
+    def end(self) -> None:
+        """The caller's streams wait for everything the pipeline queued (nothing blocks the host)."""
+        for stream in (*self.compute_streams.values(), *self.copy_streams.values()):
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+    def _compute(self, device: torch.device) -> torch.cuda.Stream:
+        return _stream(self.compute_streams, device)
+
+    def _copy(self, device: torch.device) -> torch.cuda.Stream:
+        return _stream(self.copy_streams, device)
+
+
+def _stream(streams: dict[torch.device, torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
+    """The stream of ``device`` in ``streams``, created on first use (and kept: created once)."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+def _hand_over(data: Any, ready: torch.cuda.Event | None, stream: torch.cuda.Stream) -> None:
+    """``stream`` waits until ``data`` is valid, and ``data``'s memory lives until ``stream`` used it."""
+    if ready is not None:
+        stream.wait_event(ready)
+    _keep_for(data, stream)
+
+
+def _keep_for(data: Any, stream: torch.cuda.Stream) -> None:
+    """Keep the memory of ``data``'s tensors on ``stream``'s device until ``stream``'s queued work is done."""
+    _apply_tensors(data, lambda t: t.record_stream(stream) if t.device == stream.device else None)
 
 
 def _apply_tensors(data: Any, fn: Callable[[Tensor], Any]) -> None:
     apply_to_collection(data, Tensor, fn)
 
 
-def _device_of(data: Any) -> torch.device | None:
-    found: list[torch.device] = []
-    _apply_tensors(data, lambda t: found.append(t.device))
-    return found[0] if found else None
+def _devices_of(data: Any) -> list[torch.device]:
+    """The devices of ``data``'s tensors, in order of appearance."""
+    found: dict[torch.device, None] = {}
+    _apply_tensors(data, lambda t: found.setdefault(t.device))
+    return list(found)
 
 
 # ------------------------------------------------------------------------------------------ installing
@@ -168,8 +256,8 @@ def _device_of(data: Any) -> torch.device | None:
 class PipelineHandle:
     """Undo :func:`install_pipeline`: the owner gets its own ``forward`` back."""
 
-    def __init__(self, owner: nn.Module, previous: Any) -> None:
-        self.owner, self.previous = owner, previous
+    def __init__(self, owner: nn.Module, previous: Any, pipeline: Pipeline) -> None:
+        self.owner, self.previous, self.pipeline = owner, previous, pipeline
 
     def remove(self) -> None:
         self.owner.__dict__.pop("forward", None)
@@ -216,14 +304,15 @@ def install_pipeline(
             "the unsplit model. Prefer GroupNorm/LayerNorm, or chunks=1.",
             stacklevel=2,
         )
+    name = f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
     check = None
     if not isinstance(owner, nn.Sequential) and paths != [owner_path]:
         original = previous or type(owner).forward.__get__(owner)
         stage_modules = [(p, root.get_submodule(p)) for p in paths]
-        name = f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
         check = functools.partial(check_stage_chain, name, original, stage_modules)
-    owner.__dict__["forward"] = Pipeline(partitions, chunks, plan.output_device, check)
-    return PipelineHandle(owner, previous)
+    pipeline = Pipeline(partitions, chunks, plan.output_device, check, owner_name=name)
+    owner.__dict__["forward"] = pipeline
+    return PipelineHandle(owner, previous, pipeline)
 
 
 def _stage_paths(root: nn.Module, stages: Sequence[str]) -> list[str]:

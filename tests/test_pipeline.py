@@ -8,7 +8,8 @@ from torch import nn
 
 from examples.models import TransformerNet
 from lightning_gpupar.pipeline import PipelineError, gpipe_schedule, install_pipeline
-from lightning_gpupar.placement import PlacementError, plan_placement
+from lightning_gpupar.placement import PlacementError, apply_placement, plan_placement
+from tests.conftest import requires_cuda
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
 MAP = {"embed": 0, "blocks.0-1": 0, "blocks.2-3": 1, "head": 1}
@@ -141,3 +142,85 @@ def test_a_forward_that_is_not_the_declared_chain_is_refused(
     install_pipeline(module, plan_placement(module, CPU2, placement), stages, 2)
     with pytest.raises(PlacementError, match=rf"{problem}.*compute a different model"):
         module(torch.randn(4, 4, dtype=torch.float64))
+
+
+class Wrapper(nn.Module):
+    """Stands in for a LightningModule: the network is ``self.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+#: The meta device stands in for a second accelerator: moving onto it makes new tensor objects.
+CPU_META = [torch.device("cpu"), torch.device("meta")]
+
+
+def test_a_chain_checked_pipeline_runs_when_stages_really_change_device() -> None:
+    from lightning_gpupar.model_split import ModelSplit
+
+    root = Wrapper(net())
+    placement = {f"model.{key}": position for key, position in MAP.items()}
+    ModelSplit(placement, chunks=2).apply(root, CPU_META, "test")
+    seen: list[torch.device] = []
+    root.model.head.register_forward_hook(lambda m, a, o: seen.append(o.device))
+    out = root.model(torch.randint(0, 16, (5, 12)))  # the chain check, then the pipeline: no PlacementError
+    assert out.is_meta and out.shape == (5, 3)
+    assert root.model.embed.tokens.weight.device.type == "cpu" and root.model.head.linear.weight.is_meta
+    assert seen == [torch.device("meta")] * 3  # the check's micro-batch, then two micro-batches
+
+
+class NormChain(nn.Module):
+    """``embed -> norm -> head`` in a hand-written forward (not an nn.Sequential): the chain is checked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 6).double()
+        self.norm = nn.BatchNorm1d(6).double()
+        self.head = nn.Linear(6, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(x)))
+
+
+def test_the_chain_check_leaves_batchnorm_running_statistics_alone() -> None:
+    checked = NormChain()
+    unchecked = nn.Sequential(*NormChain().children())  # the same stages, nothing to check
+    x = torch.randn(8, 4, dtype=torch.float64)
+    for model, placement in ((checked, {"embed": 0, "norm": 0, "head": 1}), (unchecked, {"0-1": 0, "2": 1})):
+        with pytest.warns(UserWarning, match="BatchNorm"):
+            install_pipeline(model, plan_placement(model, CPU2, placement), list(placement), 2)
+        model(x).sum().backward()
+    assert checked.norm.num_batches_tracked == unchecked[1].num_batches_tracked == 2  # one per micro-batch
+    torch.testing.assert_close(checked.norm.running_mean, unchecked[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(checked.norm.running_var, unchecked[1].running_var, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("devices", [("cuda:0", "cpu"), ("cpu", "cuda:0"), ("cuda:0", "cuda:0")])
+def test_pipeline_across_cuda_and_cpu_equals_the_unsplit_model(devices: tuple[str, str]) -> None:
+    """Activations cross devices through the copy streams and events, in both directions."""
+    tokens = torch.randint(0, 16, (10, 12))
+    target = torch.randn(10, 3, dtype=torch.float64)
+    reference = net()
+    nn.functional.mse_loss(reference(tokens), target).backward()
+    split = net()
+    plan = plan_placement(split, [torch.device(d) for d in devices], MAP)
+    apply_placement(split, plan)
+    install_pipeline(split, plan, list(MAP), 4)
+    pipeline = split.__dict__["forward"]
+    for _ in range(2):  # the second call reuses the first call's streams
+        split.zero_grad()
+        out = split(tokens.to(plan.output_device))
+        loss = nn.functional.mse_loss(out, target.to(out.device))
+        loss.backward()
+    assert pipeline.calls == 2 and out.device == plan.output_device
+    cuda = torch.device("cuda", 0)
+    compute, copy = pipeline.streams.compute_streams, pipeline.streams.copy_streams
+    assert list(compute) == [cuda] and compute[cuda] != copy.get(cuda)  # one of each, kept across calls
+    torch.testing.assert_close(
+        loss.cpu(), nn.functional.mse_loss(reference(tokens), target), rtol=1e-10, atol=1e-12
+    )
+    for (name, p), q in zip(reference.named_parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-10, atol=1e-12, msg=name)

@@ -10,16 +10,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from omegaconf import DictConfig
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from examples.models import TransformerNet
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.config import build_trainer
+from lightning_gpupar.devices import GPUInfo
+from lightning_gpupar.model_split import ModelSplit, optimizer_state_to_parameter_devices
 from lightning_gpupar.pipeline import PipelineError
 from lightning_gpupar.placement import PlacementError
-from tests.conftest import requires_cuda
+from tests.conftest import GiB, requires_cuda
 
 MAP = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
 #: The command line of the issue, exactly as written there.
@@ -58,7 +61,8 @@ class TokenNet(pl.LightningModule):
         self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)  # not scale-invariant: clipping shows in weights
+        # momentum: state that must stay with its parameters; not scale-invariant: clipping shows in weights
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
 def loader(n: int = 25, batch_size: int = 10) -> DataLoader:
@@ -68,7 +72,12 @@ def loader(n: int = 25, batch_size: int = 10) -> DataLoader:
 
 
 def fit(
-    module: TokenNet, strategy: Any = "auto", devices: int = 1, ckpt_path: str | None = None, **kwargs: Any
+    module: TokenNet,
+    strategy: Any = "auto",
+    devices: int = 1,
+    ckpt_path: str | None = None,
+    samples: int = 25,
+    **kwargs: Any,
 ) -> pl.Trainer:
     options: dict[str, Any] = dict(
         accelerator="cpu",
@@ -80,7 +89,7 @@ def fit(
         gradient_clip_val=0.05,
     )
     trainer = pl.Trainer(devices=devices, strategy=strategy, **{**options, **kwargs})
-    trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    trainer.fit(module, loader(samples), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -102,7 +111,9 @@ def single() -> TokenNet:
 
 
 @pytest.mark.parametrize(("placement", "chunks"), [(MAP, 1), (MAP, 4), ("auto", 3)])
-def test_split_training_equals_single_device(single: TokenNet, placement: Any, chunks: int) -> None:
+def test_split_training_equals_single_device(
+    single: TokenNet, placement: Any, chunks: int, recwarn: pytest.WarningsRecorder
+) -> None:
     # batches of 10, 10, 5: with chunks=4 micro-batches of 3,3,2,2 and then 2,1,1,1
     split = TokenNet()
     head_calls: list[int] = []
@@ -112,6 +123,25 @@ def test_split_training_equals_single_device(single: TokenNet, placement: Any, c
     assert len(head_calls) == 3 * chunks + (chunks > 1)
     assert_same_training(single, split)
     assert split.devices_seen == [trainer.strategy.root_device] * 3
+    assert not [w for w in recwarn if "never called the forward" in str(w.message)]
+
+
+class StageCaller(TokenNet):
+    """Calls the stages itself: the pipelined forward of ``model`` never runs."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        hidden = self.model.embed(tokens)
+        for block in self.model.blocks:
+            hidden = block(hidden)
+        return F.cross_entropy(self.model.head(hidden), labels)
+
+
+def test_a_training_step_that_bypasses_the_pipeline_warns_once() -> None:
+    message = r"chunks=2, but the first training step never called the forward of model \(TransformerNet\)"
+    with pytest.warns(UserWarning, match=message) as record:
+        fit(StageCaller(), ModelSplitStrategy(MAP, chunks=2), devices=2)
+    assert sum("never called the forward" in str(w.message) for w in record) == 1  # 3 steps, one warning
 
 
 def test_registered_name_plans_and_documents_the_root_device() -> None:
@@ -155,21 +185,63 @@ def test_chunks_must_be_a_positive_int(chunks: Any) -> None:
 
 
 def test_split_checkpoint_loads_unsplit_and_under_another_placement(tmp_path: Path) -> None:
+    uninterrupted = TokenNet()
+    fit(uninterrupted, ModelSplitStrategy(MAP, chunks=2), devices=2, max_steps=3, samples=20)
     module = TokenNet()
-    trainer = fit(module, ModelSplitStrategy(MAP, chunks=2), devices=2, max_steps=2)
+    trainer = fit(module, ModelSplitStrategy(MAP, chunks=2), devices=2, max_steps=2, samples=20)  # 1 epoch
     path = tmp_path / "split.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     plain = TokenNet()
     plain.load_state_dict(saved["state_dict"])  # strict: canonical keys, no wrapper prefixes
-    assert saved["state_dict"].keys() == plain.state_dict().keys()
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(saved["state_dict"][key], value, rtol=0, atol=0, msg=key)
 
     resumed = TokenNet()
     other = ModelSplitStrategy({"model.embed": 0, "model.blocks": 1, "model.head": 1})
-    trainer = fit(resumed, other, devices=2, max_steps=3, ckpt_path=str(path))
+    trainer = fit(resumed, other, devices=2, max_steps=3, ckpt_path=str(path), samples=20)
     assert trainer.global_step == 3 and len(resumed.losses) == 1
+    # weights and momentum came back: the resumed step is the uninterrupted run's third (epoch 1, batch 0)
+    torch.testing.assert_close(resumed.losses, uninterrupted.losses[2:], rtol=1e-10, atol=1e-12)
+    for (key, value), expected in zip(
+        resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12, msg=key)
     state = trainer.optimizers[0].state
-    assert all(s["exp_avg"].device == p.device for p, s in state.items())
+    assert len(state) == len(list(resumed.parameters()))
+    assert all(s["momentum_buffer"].device == p.device for p, s in state.items())
+
+
+def test_optimizer_state_is_loaded_onto_each_parameters_device() -> None:
+    """meta stands in for a second accelerator; Lightning would move all state to root_device (the CPU)."""
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    trained = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    trained.step()  # state (exp_avg, exp_avg_sq, step) on the CPU, as a checkpoint loads it
+    model[0].to(meta)
+    strategy = ModelSplitStrategy({"0": 0, "1": 1}, parallel_devices=[meta, cpu])
+    strategy.optimizers = [torch.optim.Adam(model.parameters())]
+    assert strategy.root_device == cpu
+    strategy.load_optimizer_state_dict({"optimizer_states": [trained.state_dict()]})
+    state = strategy.optimizers[0].state
+    for param in model.parameters():
+        assert state[param]["exp_avg"].device == state[param]["exp_avg_sq"].device == param.device
+    assert {p.device for p in state} == {meta, cpu}
+
+
+def test_optimizer_state_follows_its_parameters_after_lightnings_move() -> None:
+    param = nn.Parameter(torch.zeros(3, device="meta"))
+    optimizer = torch.optim.Adam([param])
+    optimizer.state[param] = {
+        "step": torch.tensor(1.0),
+        "exp_avg": torch.zeros(3),
+        "exp_avg_sq": torch.zeros(3),
+    }
+    optimizer_state_to_parameter_devices(optimizer)  # what setup runs after Lightning moved it to the root
+    state = optimizer.state[param]
+    assert state["exp_avg"].is_meta and state["exp_avg_sq"].is_meta
+    assert state["step"].device.type == "cpu"  # torch keeps Adam's step counter on the CPU
 
 
 def test_hydra_split_config_with_dotted_placement_keys(compose_app: Callable[..., DictConfig]) -> None:
@@ -205,12 +277,16 @@ def test_the_transformer_example_trains_split_and_pipelined(
 
 
 @requires_cuda
-def test_two_stages_on_one_gpu_equal_single_device(single: TokenNet) -> None:
+@pytest.mark.parametrize("second", ["cuda:0", "cpu"])
+def test_two_stages_on_a_gpu_equal_single_device(single: TokenNet, second: str) -> None:
+    """Both stages on cuda:0, or the second on the CPU (activations and gradients cross devices)."""
     cuda = torch.device("cuda", 0)
     split = TokenNet()
-    strategy = ModelSplitStrategy(MAP, chunks=4, parallel_devices=[cuda, cuda])
+    devices = [cuda, torch.device(second)]
+    strategy = ModelSplitStrategy(MAP, chunks=4, output_device=0, parallel_devices=devices)
     fit(split, strategy, accelerator="gpu", devices=1)
     assert_same_training(single, split)
+    assert split.devices_seen == [cuda] * 3
 
 
 def test_auto_pipeline_with_a_parameter_free_stage_equals_single_device() -> None:
@@ -221,3 +297,92 @@ def test_auto_pipeline_with_a_parameter_free_stage_equals_single_device() -> Non
     split = run(batch_size=7, n=35, max_steps=3, devices=2, strategy=ModelSplitStrategy(chunks=3))
     torch.testing.assert_close(split.losses, single.losses, rtol=1e-10, atol=0)
     assert_same(split.weights, single.weights)
+
+
+def test_a_plan_that_exceeds_free_gpu_memory_fails_before_training(
+    fake_gpus: Callable[..., list[GPUInfo]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_gpus(40, 40)
+    free = {0: 80 * GiB, 1: 1024}  # bytes free per GPU: cuda:1 cannot take its half
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device: (free[torch.device(device).index], 80 * GiB)
+    )
+    monkeypatch.setattr(CUDAAccelerator, "setup_device", lambda self, device: None)  # the GPUs are fake
+    module = TokenNet()
+    message = r"(?s)does not fit: cuda:1 needs 51\.9 KiB but has 1\.0 KiB free.*model\.blocks\.2\s+1\s+cuda:1"
+    with pytest.raises(PlacementError, match=message):
+        fit(module, ModelSplitStrategy(MAP), accelerator="gpu", devices=2)
+    assert module.losses == [] and module.grads == []  # no step ran
+    assert all(p.device.type == "cpu" for p in module.parameters())  # nothing was moved
+
+
+CPU_META = [torch.device("cpu"), torch.device("meta")]  # meta stands in for a second accelerator
+
+
+def test_the_issues_placement_pipelines_across_a_real_device_change() -> None:
+    """Each move to meta makes a new tensor, as between two GPUs: the chain check must still pass."""
+    module = TokenNet()
+    strategy = ModelSplitStrategy(MAP, chunks=4, parallel_devices=CPU_META)
+    strategy.connect(module)
+    strategy.model_to_device()
+    assert (
+        module.model.blocks[1].linear1.weight.device.type == "cpu" and module.model.head.linear.weight.is_meta
+    )
+    out = module(torch.randint(0, 16, (10, 12)))
+    assert out.is_meta and out.shape == (10, 3)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_declared_output_device_holds_outputs_and_is_self_device(chunks: int) -> None:
+    module = TokenNet()
+    placement = {"model.embed": 0, "model.blocks": 0, "model.head": 0}
+    strategy = ModelSplitStrategy(placement, chunks, output_device=1, parallel_devices=CPU_META)
+    assert strategy.root_device == torch.device("meta")  # where batches arrive, before and after placing
+    strategy.connect(module)
+    strategy.model_to_device()
+    assert module.device == strategy.root_device == torch.device("meta")
+    assert all(p.device.type == "cpu" for p in module.parameters())
+    out = module(torch.randint(0, 16, (4, 12)))
+    assert out.is_meta and out.shape == (4, 3)
+
+
+class Encode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.linear(batch["x"]) * batch["mask"], {"mask": batch["mask"]}
+
+
+class Decode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.seen: list[set[torch.device]] = []
+
+    def forward(self, pair: tuple[Tensor, dict[str, Tensor]]) -> dict[str, Tensor]:
+        hidden, extra = pair
+        self.seen.append({hidden.device, extra["mask"].device})
+        return {"y": self.linear(hidden), "mask": extra["mask"]}
+
+
+class NestedNet(nn.Module):
+    """Stages that take and return dicts and tuples: every tensor in them must move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode, self.decode = Encode(), Decode()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.decode(self.encode(batch))
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_nested_inputs_and_activations_move_to_each_stage(chunks: int) -> None:
+    model = NestedNet()
+    ModelSplit({"encode": 0, "decode": 1}, chunks=chunks).apply(model, CPU_META, "test")
+    out = model({"x": torch.randn(6, 3), "mask": torch.ones(6, 1)})
+    assert set(out) == {"y", "mask"} and out["y"].is_meta and out["mask"].is_meta
+    assert out["y"].shape == (6, 2) and out["mask"].shape == (6, 1)  # micro-batch outputs concatenated
+    assert model.decode.seen == [{torch.device("meta")}] * (chunks + (chunks > 1))  # + the chain check
