@@ -23,18 +23,20 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed
-from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.fabric.plugins.environments import ClusterEnvironment, LightningEnvironment
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+from lightning_gpupar.devices import AUTO_IDS_ENV, LAUNCHER_PID_ENV
 
 log = logging.getLogger(__name__)
 
 #: Variables the launcher sets in its own process for the process group; restored when a new job starts.
-DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", LAUNCHER_PID_ENV)
 #: Hydra overrides (keys, with their sub-keys) a child does not inherit: the sweep's own settings, and
 #: the ones the launcher sets per child.
 NOT_INHERITED = (
@@ -71,7 +73,21 @@ _previous_launch: _Launch | None = None
 
 
 class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
-    """Lightning's script launcher, with per-job child commands under Hydra and bounded failure."""
+    """Lightning's script launcher, with per-job child commands under Hydra and bounded failure.
+
+    ``devices`` are the devices this node's processes train on; their GPU ids reach the children, so
+    that ``strategy.device_ids=auto`` means in every rank what it meant in this one.
+    """
+
+    def __init__(
+        self,
+        cluster_environment: ClusterEnvironment,
+        num_processes: int,
+        num_nodes: int,
+        devices: Sequence[torch.device] | None = None,
+    ) -> None:
+        super().__init__(cluster_environment, num_processes, num_nodes)
+        self.devices = list(devices or [])
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         """Check the process layout, start this node's other ranks, then run ``function`` here."""
@@ -126,6 +142,7 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
             "NODE_RANK": str(env.node_rank()),
             "LOCAL_RANK": str(env.local_rank()),
             "WORLD_SIZE": str(self.num_processes * self.num_nodes),
+            LAUNCHER_PID_ENV: str(os.getpid()),
         }
         record.saved_env = {key: os.environ.get(key) for key in ddp_env}
         os.environ.update(ddp_env)
@@ -135,7 +152,7 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
         self.procs = []
         for local_rank in range(1, self.num_processes):
             global_rank = env.node_rank() * self.num_processes + local_rank
-            child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            child_env = child_environment(os.environ, local_rank, self.devices)
             rank_command = [*command, *_hydra_rank_overrides(global_rank)]
             self.procs.append(subprocess.Popen(rank_command, env=child_env, cwd=cwd))
         record.procs = self.procs
@@ -168,6 +185,21 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
                 proc.kill()
         for proc in procs:
             proc.wait(timeout=CHILD_EXIT_GRACE_S)
+
+
+def child_environment(
+    environ: Mapping[str, str], local_rank: int, devices: Sequence[torch.device]
+) -> dict[str, str]:
+    """``environ`` for local rank ``local_rank``, with the GPU ids of ``devices`` (this node's chosen
+    devices) in ``LIGHTNING_GPUPAR_AUTO_DEVICE_IDS``: the child's ``"auto"`` takes them instead of
+    choosing again by free memory, which this rank's own GPU has already changed."""
+    env = {**environ, "LOCAL_RANK": str(local_rank)}
+    gpu_ids = [str(d.index) for d in devices if d.type == "cuda" and d.index is not None]
+    if gpu_ids:
+        env[AUTO_IDS_ENV] = ",".join(gpu_ids)
+    else:
+        env.pop(AUTO_IDS_ENV, None)
+    return env
 
 
 def child_command(argv: Sequence[str]) -> tuple[list[str], str | None]:

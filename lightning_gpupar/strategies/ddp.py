@@ -227,7 +227,7 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
             return
         assert self.cluster_environment is not None
         self._launcher = HydraAwareScriptLauncher(
-            self.cluster_environment, self.num_processes, self.num_nodes
+            self.cluster_environment, self.num_processes, self.num_nodes, self._all_devices
         )
 
     def setup_environment(self) -> None:
