@@ -12,7 +12,8 @@ A sweep runs its jobs one after another in one process, and Lightning keeps the 
 the launcher first retires the previous job's children, process group and variables.
 
 Failures are bounded: a failed child brings the others down through Lightning's process observer,
-and when rank 0 raises, its children are killed before the error propagates.
+and when rank 0 raises, its children are killed before the error propagates (after at most
+``FAILURE_REPORT_GRACE_S``, during which a child that failed first is named in the log).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +56,8 @@ NOT_INHERITED = (
 CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 #: Seconds a previous job's children get to exit before they are killed.
 CHILD_EXIT_GRACE_S = 60.0
+#: Seconds a failing rank 0 waits for a child to exit, so that it can name a child that failed first.
+FAILURE_REPORT_GRACE_S = 5.0
 
 
 class DDPLaunchError(RuntimeError):
@@ -99,8 +103,12 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         except BaseException:
-            self._report_failed_children()
-            self._kill_children()
+            # Out of the process observer's sight first: on a child's non-zero exit it SIGKILLs this
+            # process, which would cut short rank 0's own error and this report.
+            children = list(self.procs)
+            self.procs.clear()
+            _report_failed_children(children, self.cluster_environment.node_rank() * self.num_processes)
+            _kill(children)
             raise
 
     def _check_process_layout(self) -> None:
@@ -157,34 +165,36 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
             self.procs.append(subprocess.Popen(rank_command, env=child_env, cwd=cwd))
         record.procs = self.procs
 
-    def _report_failed_children(self) -> None:
-        """When rank 0 fails because another rank died first, say which rank to look at."""
-        node_offset = self.cluster_environment.node_rank() * self.num_processes
-        for local_rank, proc in enumerate(self.procs, start=1):
-            code = proc.poll()
-            if code:
-                log.error(
-                    "Rank %d (pid %d) exited with code %d before rank 0 failed: its error, printed above "
-                    "with the prefix [rank%d], is the cause.",
-                    node_offset + local_rank,
-                    proc.pid,
-                    code,
-                    node_offset + local_rank,
-                )
 
-    def _kill_children(self) -> None:
-        """Kill this node's other ranks (they may be blocked in a collective) and reap them.
+def _report_failed_children(children: Sequence[subprocess.Popen], node_offset: int) -> None:
+    """When rank 0 fails because another rank died first, say which rank to look at.
 
-        They leave ``self.procs`` first: Lightning's process observer polls that very list, and on a
-        child's non-zero exit it SIGKILLs this process too, which would cut short rank 0's own error.
-        """
-        procs = list(self.procs)
-        self.procs.clear()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in procs:
-            proc.wait(timeout=CHILD_EXIT_GRACE_S)
+    Rank 0 usually fails on a closed connection while the failed rank is still exiting, so the children
+    get up to ``FAILURE_REPORT_GRACE_S`` to exit; the wait ends as soon as one has exited non-zero.
+    """
+    deadline = time.monotonic() + FAILURE_REPORT_GRACE_S
+    while not any(proc.poll() for proc in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for local_rank, proc in enumerate(children, start=1):
+        code = proc.poll()
+        if code:
+            log.error(
+                "Rank %d (pid %d) exited with code %d before rank 0 failed: its error, printed above "
+                "with the prefix [rank%d], is the cause.",
+                node_offset + local_rank,
+                proc.pid,
+                code,
+                node_offset + local_rank,
+            )
+
+
+def _kill(children: Sequence[subprocess.Popen]) -> None:
+    """Kill ranks that are still running (they may be blocked in a collective) and reap them all."""
+    for proc in children:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in children:
+        proc.wait(timeout=CHILD_EXIT_GRACE_S)
 
 
 def child_environment(
@@ -307,7 +317,7 @@ def _retire_previous_job() -> None:
     if previous is None or previous.job_dir is None or previous.job_dir == _hydra_job_dir():
         return
     procs = list(previous.procs)
-    previous.procs.clear()  # out of the process observer's sight before any is killed (see _kill_children)
+    previous.procs.clear()  # out of the process observer's sight before any is killed (see launch)
     for proc in procs:
         try:
             proc.wait(timeout=CHILD_EXIT_GRACE_S)
