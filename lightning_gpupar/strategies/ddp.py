@@ -168,16 +168,26 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
             )
 
     def check_before_launch(
-        self, function: Callable[..., Any], model: Any = None, loaders: Any = None, *_: Any
+        self,
+        function: Callable[..., Any],
+        model: Any = None,
+        loaders: Any = None,
+        _val_loaders: Any = None,
+        datamodule: Any = None,
+        *_: Any,
     ) -> None:
         """ddp_split, in the launching process before any other starts: plan rank 0's placement (sizes
         only, nothing moves), so a missing submodule or an unplaceable map fails now; when fitting, check
-        ``chunks`` against the training loader's per-process batch size."""
+        ``chunks`` against the per-process batch size of the training loader or the datamodule.
+
+        The arguments are those the Trainer hands its launcher: ``_fit_impl(model, train_dataloaders,
+        val_dataloaders, datamodule, ckpt_path)``.
+        """
         if not self.is_split or not isinstance(model, torch.nn.Module) or self._all_devices is None:
             return
         self.split.plan(model, self._all_devices[: self.devices_per_process])
         if getattr(function, "__name__", "") == "_fit_impl":
-            self.split.check_batch_size(getattr(loaders, "batch_size", None))
+            self.split.check_batch_size(_declared_batch_size(loaders, datamodule))
 
     def determine_ddp_device_ids(self) -> list[int] | None:
         """torch's DDP needs ``device_ids=None`` for a module spread over several devices."""
@@ -255,3 +265,18 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
                 f"train on {device}, but this node sees {visible} GPU(s) (ids 0..{visible - 1}). Every node "
                 "needs the devices in strategy.device_ids; choose ids that exist on all nodes."
             )
+
+
+def _declared_batch_size(loaders: Any, datamodule: Any) -> int | None:
+    """The training batch size known without building a loader: the loader's ``batch_size``, or the
+    datamodule's ``batch_size`` attribute or hyperparameter (where Lightning's batch-size finder looks)."""
+    if isinstance(loaders, pl.LightningDataModule):  # fit(model, datamodule) passed positionally
+        loaders, datamodule = None, loaders
+    if loaders is not None:
+        return getattr(loaders, "batch_size", None)
+    if datamodule is None:
+        return None
+    if hasattr(datamodule, "batch_size"):
+        return getattr(datamodule, "batch_size", None)
+    hparams = getattr(datamodule, "hparams", {})
+    return hparams.get("batch_size") if isinstance(hparams, Mapping) else None
