@@ -120,6 +120,15 @@ def test_a_gpu_this_node_lacks_is_named_before_the_process_group(monkeypatch: py
         strategy.setup_environment()
 
 
+def test_every_gpu_of_the_group_is_checked_before_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    strategy = DDPStrategy(devices_per_process=2)
+    strategy.parallel_devices = [torch.device("cuda", 3), torch.device("cuda", 1)]
+    assert strategy.root_device == torch.device("cuda", 1)  # the output device exists; cuda:3 does not
+    with pytest.raises(DDPLaunchError, match=r"should train on cuda:3, but this node sees 2 GPU\(s\)"):
+        strategy.setup_environment()
+
+
 @pytest.mark.parametrize(
     ("split", "batch_size", "message"),
     [

@@ -255,15 +255,17 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
         )
 
     def _check_root_device(self) -> None:
-        device = self.root_device
-        if device.type != "cuda" or device.index is None:
-            return
-        visible = torch.cuda.device_count()
-        if device.index >= visible:
+        """Every device this process trains on (its whole group under ``ddp_split``) exists here."""
+        devices = self.device_group if self.is_split else [self.root_device]
+        missing = [d for d in devices if d.type == "cuda" and d.index is not None]
+        visible = torch.cuda.device_count() if missing else 0
+        missing = [d for d in missing if d.index is not None and d.index >= visible]
+        if missing:
             raise DDPLaunchError(
                 f"Rank {self.global_rank} (node {self.node_rank}, local rank {self.local_rank}) should "
-                f"train on {device}, but this node sees {visible} GPU(s) (ids 0..{visible - 1}). Every node "
-                "needs the devices in strategy.device_ids; choose ids that exist on all nodes."
+                f"train on {', '.join(map(str, missing))}, but this node sees {visible} GPU(s) "
+                f"(ids 0..{visible - 1}). Every node needs the devices in strategy.device_ids; choose ids "
+                "that exist on all nodes."
             )
 
 
