@@ -6,6 +6,7 @@ process, each holding half of the model).
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -99,8 +100,10 @@ def test_hydra_sweep_runs_each_job_once_in_its_own_directory(tmp_path: Path, lay
     assert finished.stdout.count("Launching 2 jobs") == 1
     assert finished.stdout.count("test_acc:") == 2
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
-    for job in ("0", "1"):
+    for job, lr in (("0", "0.1"), ("1", "0.01")):
         assert_one_ddp_job(sweep_dir / job)
+        for log in ("train.log", "train_rank1.log"):  # each rank trained this job's model.lr
+            assert re.findall(r"^lr: (\S+)$", (sweep_dir / job / log).read_text(), re.M) == [lr], log
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep from a child
 
 
