@@ -39,6 +39,14 @@ LAYOUTS = {
     ),
 }
 layouts = pytest.mark.parametrize("layout", list(LAYOUTS))
+#: issue 7's command line as written (test runs add only the trainer limits of CPU_DDP after it).
+ISSUE_7 = (
+    "strategy=ddp_split",
+    "trainer.accelerator=cpu",
+    "strategy.device_ids=4",
+    "strategy.devices_per_process=2",
+    "model=transformer",
+)
 
 
 def free_port() -> int:
@@ -67,15 +75,19 @@ def assert_one_ddp_job(job_dir: Path, world_size: int = 2) -> None:
 @pytest.mark.slow
 @layouts
 def test_hydra_run_shares_one_run_directory(tmp_path: Path, layout: str) -> None:
+    """ddp_split runs issue 7's command as written (the transformer), ddp the MLP."""
     run_dir = tmp_path / "run"
-    finished = run_bounded(
-        [sys.executable, APP, *CPU_DDP, *LAYOUTS[layout][0], f"hydra.run.dir={run_dir}"],
-        timeout=150,
-        cwd=tmp_path,
-    )
+    if layout == "ddp_split":
+        limits = [o for o in CPU_DDP if o != "trainer.accelerator=cpu"]
+        command = [sys.executable, APP, *ISSUE_7, *limits, f"hydra.run.dir={run_dir}"]
+    else:
+        command = [sys.executable, APP, *CPU_DDP, *LAYOUTS[layout][0], f"hydra.run.dir={run_dir}"]
+    finished = run_bounded(command, timeout=150, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "test_acc:" in finished.stdout
     assert_one_ddp_job(run_dir)
+    if layout == "ddp_split":
+        assert "_target_: examples.models.TransformerClassifier" in (run_dir / "train_rank1.log").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the child made no directory of its own
 
 
