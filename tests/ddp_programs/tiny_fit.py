@@ -1,9 +1,9 @@
 """Fit a tiny model with DDPStrategy on CPU processes; optionally make one rank raise.
 
-    python tiny_fit.py --devices 2 [--num-nodes N] [--fail-rank R] [--timeout S] [--out DIR]
+    python tiny_fit.py --devices 2 [--num-nodes N] [--fail-rank R] [--timeout S] [--out DIR] [--ckpt PATH]
 
-With ``--out`` rank 0 writes the trained state dict to ``DIR/weights.pt``; ``--timeout`` is the process
-group's (seconds).
+With ``--out`` rank 0 writes the trained state dict to ``DIR/weights.pt``; with ``--ckpt`` the Trainer
+saves a checkpoint there after fitting. ``--timeout`` is the process group's (seconds).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ckpt", type=Path, default=None)
     args = parser.parse_args()
 
     pl.seed_everything(0)
@@ -70,6 +71,8 @@ def main() -> None:
     model = Tiny(args.fail_rank)
     trainer.fit(model, make_data())
     print(f"rank {trainer.global_rank} of {trainer.world_size} finished")
+    if args.ckpt is not None:
+        trainer.save_checkpoint(args.ckpt)  # every rank calls it; the strategy decides who writes
     if args.out is not None and trainer.is_global_zero:
         torch.save(model.state_dict(), args.out / "weights.pt")
 
