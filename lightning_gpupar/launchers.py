@@ -7,6 +7,9 @@ and ``hydra.run.dir`` set to this job's output directory, so rank ``k`` trains e
 trains, writes into the same directory, does not write a second ``.hydra/``, and logs to
 ``<job name>_rank<k>.log``.
 
+Each child also gets this node's chosen GPU ids (``LIGHTNING_GPUPAR_AUTO_DEVICE_IDS``), so that
+``strategy.device_ids=auto`` resolves to rank 0's choice instead of being chosen again by free memory.
+
 A sweep runs its jobs one after another in one process, and Lightning keeps the process group and the
 ``MASTER_PORT``/``LOCAL_RANK`` variables of the first job alive. When a new Hydra job starts training,
 the launcher first retires the previous job's children, process group and variables.
@@ -170,10 +173,14 @@ def _report_failed_children(children: Sequence[subprocess.Popen], node_offset: i
     """When rank 0 fails because another rank died first, say which rank to look at.
 
     Rank 0 usually fails on a closed connection while the failed rank is still exiting, so the children
-    get up to ``FAILURE_REPORT_GRACE_S`` to exit; the wait ends as soon as one has exited non-zero.
+    get up to ``FAILURE_REPORT_GRACE_S`` to exit; the wait ends as soon as one has exited non-zero or
+    none is left running.
     """
     deadline = time.monotonic() + FAILURE_REPORT_GRACE_S
-    while not any(proc.poll() for proc in children) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        codes = [proc.poll() for proc in children]
+        if any(codes) or None not in codes:  # one failed, or none is left running
+            break
         time.sleep(0.05)
     for local_rank, proc in enumerate(children, start=1):
         code = proc.poll()
