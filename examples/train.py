@@ -10,6 +10,7 @@ checkpoint's path are printed.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -21,18 +22,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import lightning_gpupar  # noqa: F401  (registers our strategies)
 from examples.schema import register_app_configs
 from lightning_gpupar.config import build_trainer
 
 register_app_configs()
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     """Fit, test, and return the test metrics (plus the best checkpoint's path, as ``best_ckpt``)."""
     pl.seed_everything(cfg.seed, workers=True)
+    log.info("model config (every rank logs the one it trains):\n%s", OmegaConf.to_yaml(cfg.model).strip())
     model = instantiate(cfg.model, _convert_="all")
     data = instantiate(cfg.data)
     checkpoint = ModelCheckpoint(

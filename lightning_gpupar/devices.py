@@ -7,7 +7,8 @@ A request is what a user writes in ``strategy.device_ids``:
 ``"0,3"``          the same, as a string
 ``2``              two devices: ``cuda:0, cuda:1``, or two CPU devices when the accelerator is the CPU
 ``-1``             every visible GPU
-``"auto"``         the GPUs with the most free memory above ``min_free_memory`` (CPU when none)
+``"auto"``         the GPUs with the most free memory above ``min_free_memory`` (CPU when none);
+                   chosen once by the launching rank, refused in ranks torchrun or SLURM started
 ``"auto:2"``       the two GPUs with the most free memory
 ``"cpu"``          CPU devices (the strategy's default count)
 =================  ==============================================================================
@@ -26,6 +27,7 @@ from typing import Literal, cast
 
 import torch
 from lightning.fabric.accelerators.cuda import num_cuda_devices
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.device_parser import _normalize_parse_gpu_string_input
 
 DeviceRequest = int | str | Sequence[int] | None
@@ -34,6 +36,14 @@ AcceleratorName = Literal["auto", "cpu", "gpu", "cuda"]
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+#: Set by a launching rank for each rank it starts: the GPU ids its ``"auto"`` resolved to, e.g. ``"2,0"``.
+#: Those ranks take them instead of choosing again (free memory changes once rank 0 holds its GPU).
+AUTO_IDS_ENV = "LIGHTNING_GPUPAR_AUTO_DEVICE_IDS"
+#: Set by a launching rank in its own environment (its pid), beside the DDP variables it sets for its
+#: children, so that it does not mistake itself for a rank started by another launcher.
+LAUNCHER_PID_ENV = "LIGHTNING_GPUPAR_LAUNCHER_PID"
 
 
 class DeviceSelectionError(ValueError):
@@ -141,6 +151,51 @@ def auto_select(gpus: Sequence[GPUInfo], min_free_bytes: int, count: int | None 
     return [g.index for g in usable]
 
 
+def external_launch() -> str | None:
+    """The launcher that started this process as one of several ranks, when it was not this process's
+    own DDP launcher (torchrun, SLURM, a Lightning launcher); ``None`` for a lone or launching process."""
+    if os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):
+        return None  # the DDP variables were set by this process's own launcher, for its children
+    world_size = os.environ.get("WORLD_SIZE", "")
+    if world_size.isdigit() and int(world_size) > 1:
+        name = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "a launcher"
+        return f"{name} (WORLD_SIZE={world_size})"
+    ntasks = os.environ.get("SLURM_NTASKS", "")
+    if SLURMEnvironment.detect() and ntasks.isdigit() and int(ntasks) > 1:
+        return f"SLURM (SLURM_NTASKS={ntasks})"
+    return None
+
+
+def _auto_gpu_ids(request: str, count: int | None, min_free_bytes: int, available: int) -> list[int]:
+    """``"auto"``/``"auto:N"`` on GPUs: the launching rank's choice when this process is a rank it
+    started, else the GPUs with the most free memory; refused in ranks started by another launcher."""
+    launched = os.environ.get(AUTO_IDS_ENV)
+    if launched is not None:
+        ids = [int(i) for i in launched.split(",")]
+        if (count is not None and len(ids) != count) or any(i >= available for i in ids):
+            raise DeviceSelectionError(
+                f"device_ids={request!r}: the launching rank chose GPUs {ids} ({AUTO_IDS_ENV}), but this "
+                f"rank asks for {count} and sees {available}. Name the GPUs in strategy.device_ids."
+            )
+        return ids
+    external = external_launch()
+    if external is not None:
+        raise DeviceSelectionError(
+            f"device_ids={request!r} in a process started by {external}: each rank would choose GPUs by "
+            "free memory on its own, at a different moment, so two ranks could share a GPU or disagree "
+            "on how many there are. Name the GPUs (strategy.device_ids=[0,1,2,3]) or give a count "
+            "(strategy.device_ids=4), the same on every node."
+        )
+    ids = auto_select(query_gpus(), min_free_bytes, count)
+    if not ids:
+        raise DeviceSelectionError(
+            f"device_ids='auto' found no GPU with at least {format_bytes(min_free_bytes)} "
+            f"free: {_describe_gpus(query_gpus())}. Lower strategy.min_free_memory, name the ids, "
+            "or use trainer.accelerator=cpu."
+        )
+    return ids
+
+
 def resolve_devices(
     request: DeviceRequest,
     accelerator: str = "auto",
@@ -170,14 +225,7 @@ def resolve_devices(
             return _cpu(default_cpu_count if request == "auto" else int(request.split(":")[1]))
         _require_cuda(request, available)
         count = None if request == "auto" else int(request.split(":")[1])
-        ids = auto_select(query_gpus(), parse_bytes(min_free_memory), count)
-        if not ids:
-            raise DeviceSelectionError(
-                f"device_ids='auto' found no GPU with at least {format_bytes(parse_bytes(min_free_memory))} "
-                f"free: {_describe_gpus(query_gpus())}. Lower strategy.min_free_memory, name the ids, "
-                "or use trainer.accelerator=cpu."
-            )
-        return _cuda(ids)
+        return _cuda(_auto_gpu_ids(request, count, parse_bytes(min_free_memory), available))
     if isinstance(request, int):
         if want_cpu:
             if request < 1:

@@ -7,12 +7,16 @@ and ``hydra.run.dir`` set to this job's output directory, so rank ``k`` trains e
 trains, writes into the same directory, does not write a second ``.hydra/``, and logs to
 ``<job name>_rank<k>.log``.
 
+Each child also gets this node's chosen GPU ids (``LIGHTNING_GPUPAR_AUTO_DEVICE_IDS``), so that
+``strategy.device_ids=auto`` resolves to rank 0's choice instead of being chosen again by free memory.
+
 A sweep runs its jobs one after another in one process, and Lightning keeps the process group and the
 ``MASTER_PORT``/``LOCAL_RANK`` variables of the first job alive. When a new Hydra job starts training,
 the launcher first retires the previous job's children, process group and variables.
 
 Failures are bounded: a failed child brings the others down through Lightning's process observer,
-and when rank 0 raises, its children are killed before the error propagates.
+and when rank 0 raises, its children are killed before the error propagates (after at most
+``FAILURE_REPORT_GRACE_S``, during which a child that failed first is named in the log).
 """
 
 from __future__ import annotations
@@ -23,18 +27,21 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed
-from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.fabric.plugins.environments import ClusterEnvironment, LightningEnvironment
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+from lightning_gpupar.devices import AUTO_IDS_ENV, LAUNCHER_PID_ENV
 
 log = logging.getLogger(__name__)
 
 #: Variables the launcher sets in its own process for the process group; restored when a new job starts.
-DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", LAUNCHER_PID_ENV)
 #: Hydra overrides (keys, with their sub-keys) a child does not inherit: the sweep's own settings, and
 #: the ones the launcher sets per child.
 NOT_INHERITED = (
@@ -52,6 +59,8 @@ NOT_INHERITED = (
 CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 #: Seconds a previous job's children get to exit before they are killed.
 CHILD_EXIT_GRACE_S = 60.0
+#: Seconds a failing rank 0 waits for a child to exit, so that it can name a child that failed first.
+FAILURE_REPORT_GRACE_S = 5.0
 
 
 class DDPLaunchError(RuntimeError):
@@ -71,7 +80,21 @@ _previous_launch: _Launch | None = None
 
 
 class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
-    """Lightning's script launcher, with per-job child commands under Hydra and bounded failure."""
+    """Lightning's script launcher, with per-job child commands under Hydra and bounded failure.
+
+    ``devices`` are the devices this node's processes train on; their GPU ids reach the children, so
+    that ``strategy.device_ids=auto`` means in every rank what it meant in this one.
+    """
+
+    def __init__(
+        self,
+        cluster_environment: ClusterEnvironment,
+        num_processes: int,
+        num_nodes: int,
+        devices: Sequence[torch.device] | None = None,
+    ) -> None:
+        super().__init__(cluster_environment, num_processes, num_nodes)
+        self.devices = list(devices or [])
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         """Check the process layout, start this node's other ranks, then run ``function`` here."""
@@ -83,8 +106,12 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         except BaseException:
-            self._report_failed_children()
-            self._kill_children()
+            # Out of the process observer's sight first: on a child's non-zero exit it SIGKILLs this
+            # process, which would cut short rank 0's own error and this report.
+            children = list(self.procs)
+            self.procs.clear()
+            _report_failed_children(children, self.cluster_environment.node_rank() * self.num_processes)
+            _kill(children)
             raise
 
     def _check_process_layout(self) -> None:
@@ -126,6 +153,7 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
             "NODE_RANK": str(env.node_rank()),
             "LOCAL_RANK": str(env.local_rank()),
             "WORLD_SIZE": str(self.num_processes * self.num_nodes),
+            LAUNCHER_PID_ENV: str(os.getpid()),
         }
         record.saved_env = {key: os.environ.get(key) for key in ddp_env}
         os.environ.update(ddp_env)
@@ -135,39 +163,60 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
         self.procs = []
         for local_rank in range(1, self.num_processes):
             global_rank = env.node_rank() * self.num_processes + local_rank
-            child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            child_env = child_environment(os.environ, local_rank, self.devices)
             rank_command = [*command, *_hydra_rank_overrides(global_rank)]
             self.procs.append(subprocess.Popen(rank_command, env=child_env, cwd=cwd))
         record.procs = self.procs
 
-    def _report_failed_children(self) -> None:
-        """When rank 0 fails because another rank died first, say which rank to look at."""
-        node_offset = self.cluster_environment.node_rank() * self.num_processes
-        for local_rank, proc in enumerate(self.procs, start=1):
-            code = proc.poll()
-            if code:
-                log.error(
-                    "Rank %d (pid %d) exited with code %d before rank 0 failed: its error, printed above "
-                    "with the prefix [rank%d], is the cause.",
-                    node_offset + local_rank,
-                    proc.pid,
-                    code,
-                    node_offset + local_rank,
-                )
 
-    def _kill_children(self) -> None:
-        """Kill this node's other ranks (they may be blocked in a collective) and reap them.
+def _report_failed_children(children: Sequence[subprocess.Popen], node_offset: int) -> None:
+    """When rank 0 fails because another rank died first, say which rank to look at.
 
-        They leave ``self.procs`` first: Lightning's process observer polls that very list, and on a
-        child's non-zero exit it SIGKILLs this process too, which would cut short rank 0's own error.
-        """
-        procs = list(self.procs)
-        self.procs.clear()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in procs:
-            proc.wait(timeout=CHILD_EXIT_GRACE_S)
+    Rank 0 usually fails on a closed connection while the failed rank is still exiting, so the children
+    get up to ``FAILURE_REPORT_GRACE_S`` to exit; the wait ends as soon as one has exited non-zero or
+    none is left running.
+    """
+    deadline = time.monotonic() + FAILURE_REPORT_GRACE_S
+    while time.monotonic() < deadline:
+        codes = [proc.poll() for proc in children]
+        if any(codes) or None not in codes:  # one failed, or none is left running
+            break
+        time.sleep(0.05)
+    for local_rank, proc in enumerate(children, start=1):
+        code = proc.poll()
+        if code:
+            log.error(
+                "Rank %d (pid %d) exited with code %d before rank 0 failed: its error, printed above "
+                "with the prefix [rank%d], is the cause.",
+                node_offset + local_rank,
+                proc.pid,
+                code,
+                node_offset + local_rank,
+            )
+
+
+def _kill(children: Sequence[subprocess.Popen]) -> None:
+    """Kill ranks that are still running (they may be blocked in a collective) and reap them all."""
+    for proc in children:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in children:
+        proc.wait(timeout=CHILD_EXIT_GRACE_S)
+
+
+def child_environment(
+    environ: Mapping[str, str], local_rank: int, devices: Sequence[torch.device]
+) -> dict[str, str]:
+    """``environ`` for local rank ``local_rank``, with the GPU ids of ``devices`` (this node's chosen
+    devices) in ``LIGHTNING_GPUPAR_AUTO_DEVICE_IDS``: the child's ``"auto"`` takes them instead of
+    choosing again by free memory, which this rank's own GPU has already changed."""
+    env = {**environ, "LOCAL_RANK": str(local_rank)}
+    gpu_ids = [str(d.index) for d in devices if d.type == "cuda" and d.index is not None]
+    if gpu_ids:
+        env[AUTO_IDS_ENV] = ",".join(gpu_ids)
+    else:
+        env.pop(AUTO_IDS_ENV, None)
+    return env
 
 
 def child_command(argv: Sequence[str]) -> tuple[list[str], str | None]:
@@ -275,7 +324,7 @@ def _retire_previous_job() -> None:
     if previous is None or previous.job_dir is None or previous.job_dir == _hydra_job_dir():
         return
     procs = list(previous.procs)
-    previous.procs.clear()  # out of the process observer's sight before any is killed (see _kill_children)
+    previous.procs.clear()  # out of the process observer's sight before any is killed (see launch)
     for proc in procs:
         try:
             proc.wait(timeout=CHILD_EXIT_GRACE_S)

@@ -18,6 +18,9 @@ from tests.ddp_programs.tiny_fit import Tiny, make_data, make_trainer
 
 #: Seconds within which a failed run must have ended, every rank included (imports take most of it).
 BOUND_S = 90
+#: The failing runs' process-group timeout: far beyond the bound, so a rank left waiting in a
+#: collective until the timeout fails the test instead of passing within it.
+HANG_TIMEOUT_S = 1200
 
 
 def session_is_empty(pgid: int, wait_s: float = 10.0) -> bool:
@@ -37,12 +40,26 @@ def session_is_empty(pgid: int, wait_s: float = 10.0) -> bool:
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_one_failing_rank_stops_every_rank_with_its_error(tmp_path: Path, failing_rank: int) -> None:
     finished = run_bounded(
-        python("tiny_fit.py", "--devices", "2", "--fail-rank", str(failing_rank)),
+        python(
+            "tiny_fit.py",
+            "--devices",
+            "2",
+            "--fail-rank",
+            str(failing_rank),
+            "--timeout",
+            str(HANG_TIMEOUT_S),
+        ),
         timeout=BOUND_S,
         cwd=tmp_path,
     )
     assert finished.returncode != 0
     assert f"RuntimeError: boom on rank {failing_rank}" in finished.stderr
+    blames_rank_1 = re.search(
+        r"Rank 1 \(pid \d+\) exited with code 1 before rank 0 failed: its error, printed above with the "
+        r"prefix \[rank1\], is the cause\.",
+        finished.stderr,
+    )
+    assert bool(blames_rank_1) == (failing_rank == 1)
     assert "finished" not in finished.stdout
     assert session_is_empty(finished.pgid)
 

@@ -120,6 +120,15 @@ def test_a_gpu_this_node_lacks_is_named_before_the_process_group(monkeypatch: py
         strategy.setup_environment()
 
 
+def test_every_gpu_of_the_group_is_checked_before_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    strategy = DDPStrategy(devices_per_process=2)
+    strategy.parallel_devices = [torch.device("cuda", 3), torch.device("cuda", 1)]
+    assert strategy.root_device == torch.device("cuda", 1)  # the output device exists; cuda:3 does not
+    with pytest.raises(DDPLaunchError, match=r"should train on cuda:3, but this node sees 2 GPU\(s\)"):
+        strategy.setup_environment()
+
+
 @pytest.mark.parametrize(
     ("split", "batch_size", "message"),
     [
@@ -142,3 +151,38 @@ def test_two_process_mistakes_fail_before_any_process_starts(
         os.environ.clear()
         os.environ.update(environ)
     assert started == []
+
+
+class TinyData(pl.LightningDataModule):
+    """Training batches of ``batch_size`` samples from a datamodule, as examples/train.py passes them."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(12), batch_size=self.batch_size)
+
+
+def test_chunks_against_a_datamodules_batch_fail_before_any_process_starts(
+    compose_app: Compose, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_child(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a child process was started")
+
+    monkeypatch.setattr("subprocess.Popen", no_child)
+    cfg = compose_app(
+        "strategy=ddp_split",
+        "trainer.accelerator=cpu",
+        "strategy.device_ids=4",
+        "strategy.devices_per_process=2",
+        "strategy.chunks=4",
+    )
+    environ = dict(os.environ)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    try:
+        with pytest.raises(PlacementError, match=r"chunks=4 micro-batches.*3 samples \(per process\)"):
+            trainer.fit(TinyNet(), datamodule=TinyData(batch_size=3))
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)

@@ -168,16 +168,26 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
             )
 
     def check_before_launch(
-        self, function: Callable[..., Any], model: Any = None, loaders: Any = None, *_: Any
+        self,
+        function: Callable[..., Any],
+        model: Any = None,
+        loaders: Any = None,
+        _val_loaders: Any = None,
+        datamodule: Any = None,
+        *_: Any,
     ) -> None:
         """ddp_split, in the launching process before any other starts: plan rank 0's placement (sizes
         only, nothing moves), so a missing submodule or an unplaceable map fails now; when fitting, check
-        ``chunks`` against the training loader's per-process batch size."""
+        ``chunks`` against the per-process batch size of the training loader or the datamodule.
+
+        The arguments are those the Trainer hands its launcher: ``_fit_impl(model, train_dataloaders,
+        val_dataloaders, datamodule, ckpt_path)``.
+        """
         if not self.is_split or not isinstance(model, torch.nn.Module) or self._all_devices is None:
             return
         self.split.plan(model, self._all_devices[: self.devices_per_process])
         if getattr(function, "__name__", "") == "_fit_impl":
-            self.split.check_batch_size(getattr(loaders, "batch_size", None))
+            self.split.check_batch_size(_declared_batch_size(loaders, datamodule))
 
     def determine_ddp_device_ids(self) -> list[int] | None:
         """torch's DDP needs ``device_ids=None`` for a module spread over several devices."""
@@ -227,7 +237,7 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
             return
         assert self.cluster_environment is not None
         self._launcher = HydraAwareScriptLauncher(
-            self.cluster_environment, self.num_processes, self.num_nodes
+            self.cluster_environment, self.num_processes, self.num_nodes, self._all_devices
         )
 
     def setup_environment(self) -> None:
@@ -245,13 +255,30 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
         )
 
     def _check_root_device(self) -> None:
-        device = self.root_device
-        if device.type != "cuda" or device.index is None:
-            return
-        visible = torch.cuda.device_count()
-        if device.index >= visible:
+        """Every device this process trains on (its whole group under ``ddp_split``) exists here."""
+        devices = self.device_group if self.is_split else [self.root_device]
+        missing = [d for d in devices if d.type == "cuda" and d.index is not None]
+        visible = torch.cuda.device_count() if missing else 0
+        missing = [d for d in missing if d.index is not None and d.index >= visible]
+        if missing:
             raise DDPLaunchError(
                 f"Rank {self.global_rank} (node {self.node_rank}, local rank {self.local_rank}) should "
-                f"train on {device}, but this node sees {visible} GPU(s) (ids 0..{visible - 1}). Every node "
-                "needs the devices in strategy.device_ids; choose ids that exist on all nodes."
+                f"train on {', '.join(map(str, missing))}, but this node sees {visible} GPU(s) "
+                f"(ids 0..{visible - 1}). Every node needs the devices in strategy.device_ids; choose ids "
+                "that exist on all nodes."
             )
+
+
+def _declared_batch_size(loaders: Any, datamodule: Any) -> int | None:
+    """The training batch size known without building a loader: the loader's ``batch_size``, or the
+    datamodule's ``batch_size`` attribute or hyperparameter (where Lightning's batch-size finder looks)."""
+    if isinstance(loaders, pl.LightningDataModule):  # fit(model, datamodule) passed positionally
+        loaders, datamodule = None, loaders
+    if loaders is not None:
+        return getattr(loaders, "batch_size", None)
+    if datamodule is None:
+        return None
+    if hasattr(datamodule, "batch_size"):
+        return getattr(datamodule, "batch_size", None)
+    hparams = getattr(datamodule, "hparams", {})
+    return hparams.get("batch_size") if isinstance(hparams, Mapping) else None

@@ -1,8 +1,9 @@
 """Fit a tiny model with DDPStrategy on CPU processes; optionally make one rank raise.
 
-    python tiny_fit.py --devices 2 [--num-nodes N] [--fail-rank R] [--out DIR]
+    python tiny_fit.py --devices 2 [--num-nodes N] [--fail-rank R] [--timeout S] [--out DIR] [--ckpt PATH]
 
-With ``--out`` rank 0 writes the trained state dict to ``DIR/weights.pt``.
+With ``--out`` rank 0 writes the trained state dict to ``DIR/weights.pt``; with ``--ckpt`` the Trainer
+saves a checkpoint there after fitting. ``--timeout`` is the process group's (seconds).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ class Tiny(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def make_trainer(devices: int, num_nodes: int = 1) -> pl.Trainer:
+def make_trainer(devices: int, num_nodes: int = 1, timeout: float = 60) -> pl.Trainer:
     """A quiet CPU Trainer with our DDPStrategy and a short process-group timeout."""
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
         num_nodes=num_nodes,
-        strategy=DDPStrategy(timeout=60),
+        strategy=DDPStrategy(timeout=timeout),
         max_epochs=1,
         limit_train_batches=6,
         logger=False,
@@ -60,14 +61,18 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ckpt", type=Path, default=None)
     args = parser.parse_args()
 
     pl.seed_everything(0)
-    trainer = make_trainer(args.devices, args.num_nodes)
+    trainer = make_trainer(args.devices, args.num_nodes, args.timeout)
     model = Tiny(args.fail_rank)
     trainer.fit(model, make_data())
     print(f"rank {trainer.global_rank} of {trainer.world_size} finished")
+    if args.ckpt is not None:
+        trainer.save_checkpoint(args.ckpt)  # every rank calls it; the strategy decides who writes
     if args.out is not None and trainer.is_global_zero:
         torch.save(model.state_dict(), args.out / "weights.pt")
 
