@@ -4,11 +4,11 @@
   (predictions) come back in the original sample order;
 * scalars (0-dim tensors and Python numbers, the loss among them) are means over shards weighted by shard
   size, which equals the full-batch mean of a per-sample mean;
-* a ``list`` whose length is each replica's shard size is per-sample (decoded strings, variable-length
-  tensors) and is concatenated in order; so is a plain ``tuple`` when the shards differ in size (its
-  lengths then tell it apart from a record like ``(logits, features)``); a sequence of tensors that each
-  carry the shard's batch dimension is a record whatever its length, and is gathered item by item;
-* dicts, dataclasses, namedtuples and other lists and tuples are gathered item by item;
+* a list or tuple with one item per sample of its shard, all strings (decoded text) or all tensors
+  that are not each a batch of the shard (variable-length boxes), is per-sample and concatenated in
+  order;
+* dicts, dataclasses, namedtuples and other lists and tuples (``[loss, logits]``, ``(logits, features)``,
+  a list of numbers) are gathered item by item;
 * any other value (``bool``, ``str``, ``None``, objects) must be the same on every replica; replicas that
   disagree raise an error naming the output's path and the values.
 
@@ -89,20 +89,27 @@ class _Gatherer:
                 object.__setattr__(result, field.name, gathered[field.name])
         return result
 
-    def _batched_record(self, values: list[Any]) -> bool:
-        """Whether every item is a tensor whose dim 0 is its shard's size: ``[logits, features]``, not
-        one item per sample, even when the list happens to hold as many items as the shard."""
-        return all(
+    def _per_sample(self, values: list[Any]) -> bool:
+        """Whether sequences hold one item per sample: strings, or tensors that are not each a batch of
+        the shard (``[boxes_0, boxes_1]``, not ``[logits, features]``), one per sample of every shard.
+        Decided by the items' kinds, not by luck of the lengths: ``[loss, logits]`` is always a record."""
+        if [len(v) for v in values] != self.sizes or is_namedtuple(values[0]):
+            return False
+        items = [item for value in values for item in value]
+        if all(isinstance(item, str | bytes) for item in items):
+            return True
+        tensors = all(isinstance(item, Tensor) and item.dim() > 0 for item in items)
+        batched = all(
             isinstance(item, Tensor) and item.dim() > 0 and item.shape[0] == size
             for value, size in zip(values, self.sizes, strict=True)
             for item in value
         )
+        return tensors and not batched
 
     def _sequence(self, values: list[Any], path: str) -> Any:
         first = values[0]
         lengths = [len(v) for v in values]
-        per_sample = isinstance(first, list) or (not is_namedtuple(first) and len(set(self.sizes)) > 1)
-        if per_sample and lengths == self.sizes and not self._batched_record(values):
+        if self._per_sample(values):
             items = [move_data_to_device(item, self.device) for v in values for item in v]
             return type(first)(items)
         if len(set(lengths)) > 1:

@@ -139,6 +139,18 @@ def test_a_list_of_batched_tensors_is_a_record_even_when_its_length_is_the_shard
     assert logits[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("sizes", [[2, 2], [2, 1]])
+def test_a_loss_beside_logits_is_a_record_whatever_the_shard_sizes(sizes: list[int]) -> None:
+    outputs = [[torch.tensor(float(i)), torch.full((n, 3), float(i))] for i, n in enumerate(sizes)]
+    loss, logits = gather_outputs(outputs, sizes, torch.device("cpu"))
+    assert loss.item() == pytest.approx(sizes[1] / sum(sizes))
+    assert logits.shape == (sum(sizes), 3)
+
+
+def test_a_list_of_numbers_is_a_record_even_with_one_number_per_sample() -> None:
+    assert gather_outputs([[1.0, 3.0], [3.0, 5.0]], [2, 2], torch.device("cpu")) == [2.0, 4.0]
+
+
 @pytest.mark.parametrize(
     ("outputs", "message"),
     [
