@@ -171,13 +171,7 @@ def _auto_gpu_ids(request: str, count: int | None, min_free_bytes: int, availabl
     started, else the GPUs with the most free memory; refused in ranks started by another launcher."""
     launched = os.environ.get(AUTO_IDS_ENV)
     if launched is not None:
-        ids = [int(i) for i in launched.split(",")]
-        if (count is not None and len(ids) != count) or any(i >= available for i in ids):
-            raise DeviceSelectionError(
-                f"device_ids={request!r}: the launching rank chose GPUs {ids} ({AUTO_IDS_ENV}), but this "
-                f"rank asks for {count} and sees {available}. Name the GPUs in strategy.device_ids."
-            )
-        return ids
+        return _launched_gpu_ids(request, launched, count, available)
     external = external_launch()
     if external is not None:
         raise DeviceSelectionError(
@@ -192,6 +186,30 @@ def _auto_gpu_ids(request: str, count: int | None, min_free_bytes: int, availabl
             f"device_ids='auto' found no GPU with at least {format_bytes(min_free_bytes)} "
             f"free: {_describe_gpus(query_gpus())}. Lower strategy.min_free_memory, name the ids, "
             "or use trainer.accelerator=cpu."
+        )
+    return ids
+
+
+def _launched_gpu_ids(request: str, launched: str, count: int | None, available: int) -> list[int]:
+    """The GPU ids the launching rank handed this rank in ``AUTO_IDS_ENV``, checked against this rank."""
+    fix = "Name the GPUs in strategy.device_ids."
+    try:
+        ids = [int(i) for i in launched.split(",")]
+    except ValueError:
+        raise DeviceSelectionError(
+            f"device_ids={request!r}: {AUTO_IDS_ENV}={launched!r} is not a comma-separated list of GPU "
+            f"ids (e.g. '1,3'). This package's launcher sets it for its ranks: unset it. {fix}"
+        ) from None
+    if count is not None and len(ids) != count:
+        raise DeviceSelectionError(
+            f"device_ids={request!r}: the launching rank chose {len(ids)} GPUs {ids} ({AUTO_IDS_ENV}), "
+            f"but this rank asks for {count}. {fix}"
+        )
+    unseen = [i for i in ids if not 0 <= i < available]
+    if unseen:
+        raise DeviceSelectionError(
+            f"device_ids={request!r}: the launching rank chose GPUs {ids} ({AUTO_IDS_ENV}), but this rank "
+            f"sees only {available} (ids 0..{available - 1}), not {unseen}. {fix}"
         )
     return ids
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_gpupar.devices import (
+    AUTO_IDS_ENV,
     DeviceSelectionError,
     GPUInfo,
     auto_select,
@@ -104,6 +105,43 @@ def test_auto_honours_the_minimum_free_memory(fake_gpus: Callable[..., list[GPUI
     assert resolve_devices("auto", min_free_memory="20GiB").trainer_devices == [1, 3]
     with pytest.raises(DeviceSelectionError, match=r"no GPU with at least 50\.0 GiB free"):
         resolve_devices("auto", min_free_memory="50GiB")
+
+
+def test_auto_takes_the_gpus_the_launching_rank_handed_down(
+    fake_gpus: Callable[..., list[GPUInfo]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_gpus(10, 40, 0.5, 30)
+    monkeypatch.setenv(AUTO_IDS_ENV, "3,0")
+    assert resolve_devices("auto").trainer_devices == [3, 0]
+    assert resolve_devices("auto:2").trainer_devices == [3, 0]
+
+
+@pytest.mark.parametrize(
+    ("launched", "request_", "message"),
+    [
+        (
+            "1,3",
+            "auto:3",
+            r"chose 2 GPUs \[1, 3\] \(LIGHTNING_GPUPAR_AUTO_DEVICE_IDS\), but this rank asks for 3\.",
+        ),
+        ("1,4,6", "auto", r"chose GPUs \[1, 4, 6\] .*sees only 4 \(ids 0\.\.3\), not \[4, 6\]\."),
+        ("1,x", "auto", r"LIGHTNING_GPUPAR_AUTO_DEVICE_IDS='1,x' is not a comma-separated list"),
+        ("", "auto:2", r"LIGHTNING_GPUPAR_AUTO_DEVICE_IDS='' is not a comma-separated list"),
+    ],
+    ids=["count-mismatch", "unseen-ids", "not-ints", "empty"],
+)
+def test_a_bad_hand_off_from_the_launching_rank_says_what_is_wrong(
+    fake_gpus: Callable[..., list[GPUInfo]],
+    monkeypatch: pytest.MonkeyPatch,
+    launched: str,
+    request_: str,
+    message: str,
+) -> None:
+    fake_gpus(10, 40, 0.5, 30)
+    monkeypatch.setenv(AUTO_IDS_ENV, launched)
+    with pytest.raises(DeviceSelectionError, match=message) as info:
+        resolve_devices(request_)
+    assert "None" not in str(info.value) and "strategy.device_ids" in str(info.value)
 
 
 def test_auto_select_orders_by_free_memory() -> None:
