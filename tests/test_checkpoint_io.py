@@ -25,6 +25,7 @@ from lightning_gpupar.checkpoint import (
     atomic_torch_save,
     load_checkpoint_file,
 )
+from lightning_gpupar.checkpoint.io import atomic_write
 from tests.checkpoint_support import saving_as_cuda3
 
 
@@ -83,6 +84,21 @@ def test_a_save_removes_stale_temporary_files_of_its_own_target_only(previous: P
     assert not any(path.exists() for path in stale)
     assert all(path.exists() for path in others)
     assert load_checkpoint_file(previous)["epoch"] == 2
+
+
+def test_a_save_keeps_the_temporary_file_of_a_target_whose_name_starts_the_same(previous: Path) -> None:
+    backup = previous.with_name("last.ckpt.bak")
+    stale_backup = previous.with_name(".last.ckpt.bak.k1ll3d.tmp")
+    stale_backup.write_bytes(b"partial")
+
+    def write_backup_while_last_is_saved(f: Any) -> None:
+        torch.save({"epoch": 9}, f)
+        atomic_torch_save({"epoch": 2}, previous)  # must not delete .last.ckpt.bak.XXXXXXXX.tmp
+
+    atomic_write(backup, write_backup_while_last_is_saved)
+    assert (load_checkpoint_file(backup)["epoch"], load_checkpoint_file(previous)["epoch"]) == (9, 2)
+    assert sorted(p.name for p in previous.parent.iterdir()) == ["last.ckpt", "last.ckpt.bak"]
+    assert not stale_backup.exists()  # removed by the save of last.ckpt.bak, its own target
 
 
 def _wait_for_partial_temp_file(folder: Path, child: subprocess.Popen[bytes]) -> Path | None:

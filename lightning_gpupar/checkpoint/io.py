@@ -72,14 +72,17 @@ def atomic_write(path: _PATH, write: Callable[[Any], None]) -> None:
 
 
 def _remove_stale_temporary_files(target: Path) -> None:
-    """Delete what killed saves to ``target`` left behind (their ``.NAME.*.tmp`` files).
+    """Delete what killed saves to ``target`` left behind (``mkstemp``'s ``.NAME.RANDOM.tmp`` files).
 
     Runs after this save's own rename, so only other writers' files match: one process writes a
     given checkpoint at a time (rank 0 in Lightning), so those are leftovers, not saves in flight.
+    ``RANDOM`` never holds a dot, so ``.NAME.bak.RANDOM.tmp`` (a save of ``NAME.bak``) is not one.
     """
+    own = re.compile(rf"\.{re.escape(target.name)}\.[^.]+\.tmp")
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+        if own.fullmatch(stale.name):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
