@@ -161,7 +161,8 @@ def external_launch() -> str | None:
         name = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "a launcher"
         return f"{name} (WORLD_SIZE={world_size})"
     ntasks = os.environ.get("SLURM_NTASKS", "")
-    if SLURMEnvironment.detect() and ntasks.isdigit() and int(ntasks) > 1:
+    # SLURMEnvironment.detect() warns whenever srun exists but is unused: ask it only about SLURM jobs
+    if ntasks.isdigit() and int(ntasks) > 1 and SLURMEnvironment.detect():
         return f"SLURM (SLURM_NTASKS={ntasks})"
     return None
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +145,21 @@ def test_a_bad_hand_off_from_the_launching_rank_says_what_is_wrong(
     with pytest.raises(DeviceSelectionError, match=message) as info:
         resolve_devices(request_)
     assert "None" not in str(info.value) and "strategy.device_ids" in str(info.value)
+
+
+def test_auto_outside_slurm_does_not_warn_that_srun_is_unused(
+    fake_gpus: Callable[..., list[GPUInfo]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    fake_gpus(10, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Lightning's "`srun` command is available ... but is not used"
+        assert resolve_devices("auto").trainer_devices == [1, 0]
 
 
 def test_auto_select_orders_by_free_memory() -> None:
