@@ -154,10 +154,12 @@ class SplitStrategyMixin(_StrategyBase):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The LightningModule's step; after the first one, warn if ``chunks > 1`` had no effect."""
+        if self._pipeline_use_checked:
+            return super().training_step(*args, **kwargs)
         pipeline = self.applied.pipeline if self.applied is not None else None
         calls = pipeline.calls if pipeline is not None else 0
         output = super().training_step(*args, **kwargs)
-        if pipeline is not None and not self._pipeline_use_checked:
+        if pipeline is not None:
             self._pipeline_use_checked = True
             if pipeline.calls == calls:
                 rank_zero_warn(
