@@ -70,7 +70,7 @@ def batch_size(batch: Any) -> int:
 
 
 def _frozen_dataclass(batch: Any, depth: int = 0) -> str | None:
-    """The name of a frozen dataclass in ``batch``, if any (``apply_to_collection`` cannot rebuild one)."""
+    """The name of a frozen dataclass in ``batch``, for the error once ``apply_to_collection`` refused it."""
     if depth > 16 or isinstance(batch, Tensor | str | bytes):
         return None
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
@@ -99,17 +99,19 @@ def split_batch(batch: Any, parts: int) -> tuple[list[Any], list[int]]:
     Shards are views in order, so concatenating per-sample outputs restores the original order.
     A batch smaller than ``parts`` gives one shard per sample.
     """
-    frozen = _frozen_dataclass(batch)
-    if frozen is not None:
+    try:
+        sizes = shard_sizes(batch_size(batch), parts)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        shards = [
+            apply_to_collection(batch, Tensor, lambda t, s=start, n=size: t.narrow(0, s, n))
+            for start, size in zip(starts, sizes, strict=True)
+        ]
+    except ValueError as err:  # apply_to_collection refuses frozen dataclasses, which it cannot rebuild
+        if not isinstance(err.__cause__, dataclasses.FrozenInstanceError):
+            raise
         raise BatchSplitError(
-            f"Cannot split batch {describe(batch)}: the frozen dataclass {frozen} cannot be rebuilt around "
-            "its shards (Lightning's batch transfer to a device refuses it too). Declare it without "
-            "frozen=True, or use a dict or namedtuple."
-        )
-    sizes = shard_sizes(batch_size(batch), parts)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    shards = [
-        apply_to_collection(batch, Tensor, lambda t, s=start, n=size: t.narrow(0, s, n))
-        for start, size in zip(starts, sizes, strict=True)
-    ]
+            f"Cannot split batch {describe(batch)}: the frozen dataclass {_frozen_dataclass(batch)} cannot "
+            "be rebuilt around its shards (Lightning's batch transfer to a device refuses it too). Declare "
+            "it without frozen=True, or use a dict or namedtuple."
+        ) from err
     return shards, sizes
