@@ -202,7 +202,7 @@ class DeviceStreams:
     def deliver(self, data: Any, ready: torch.cuda.Event | None, device: torch.device) -> Any:
         """Move an output to ``device`` for the caller: its current stream waits until the output is valid."""
         data, ready = self.transfer(data, ready, device)
-        if device.type == "cuda":
+        if device.type == "cuda":  # end(), called next, implies the wait; kept so deliver stands alone
             _hand_over(data, ready, torch.cuda.current_stream(device))
         return data
 
@@ -304,7 +304,7 @@ def install_pipeline(
             "the unsplit model. Prefer GroupNorm/LayerNorm, or chunks=1.",
             stacklevel=2,
         )
-    name = f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
+    name = _owner_name(owner_path, owner)
     check = None
     if not isinstance(owner, nn.Sequential) and paths != [owner_path]:
         original = previous or type(owner).forward.__get__(owner)
@@ -313,6 +313,11 @@ def install_pipeline(
     pipeline = Pipeline(partitions, chunks, plan.output_device, check, owner_name=name)
     owner.__dict__["forward"] = pipeline
     return PipelineHandle(owner, previous, pipeline)
+
+
+def _owner_name(owner_path: str, owner: nn.Module) -> str:
+    """How messages name the module whose forward the pipeline replaces: ``model (TransformerNet)``."""
+    return f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
 
 
 def _stage_paths(root: nn.Module, stages: Sequence[str]) -> list[str]:
@@ -331,7 +336,7 @@ def _stage_paths(root: nn.Module, stages: Sequence[str]) -> list[str]:
 
 def _check_sequence(root: nn.Module, owner_path: str, owner: nn.Module, paths: list[str]) -> None:
     """The owner's forward must be exactly the chain of the stages: nothing with tensors left out."""
-    name = f"{owner_path or 'the LightningModule'} ({type(owner).__name__})"
+    name = _owner_name(owner_path, owner)
     declare = (
         f"Declare the stage sequence: every stage of {owner_path or 'the model'} in the order its forward "
         "calls them, e.g. strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,"
