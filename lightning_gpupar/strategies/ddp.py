@@ -257,9 +257,9 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
     def _check_root_device(self) -> None:
         """Every device this process trains on (its whole group under ``ddp_split``) exists here."""
         devices = self.device_group if self.is_split else [self.root_device]
-        missing = [d for d in devices if d.type == "cuda" and d.index is not None]
-        visible = torch.cuda.device_count() if missing else 0
-        missing = [d for d in missing if d.index is not None and d.index >= visible]
+        cuda = {d: d.index for d in devices if d.type == "cuda" and d.index is not None}
+        visible = torch.cuda.device_count() if cuda else 0
+        missing = [d for d, index in cuda.items() if index >= visible]
         if missing:
             raise DDPLaunchError(
                 f"Rank {self.global_rank} (node {self.node_rank}, local rank {self.local_rank}) should "
