@@ -197,8 +197,19 @@ def test_the_chain_check_leaves_batchnorm_running_statistics_alone() -> None:
     torch.testing.assert_close(checked.norm.running_var, unchecked[1].running_var, rtol=0, atol=0)
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
 @requires_cuda
-@pytest.mark.parametrize("devices", [("cuda:0", "cpu"), ("cpu", "cuda:0"), ("cuda:0", "cuda:0")])
+@pytest.mark.parametrize(
+    "devices",
+    [
+        ("cuda:0", "cpu"),
+        ("cpu", "cuda:0"),
+        ("cuda:0", "cuda:0"),
+        pytest.param(("cuda:0", "cuda:1"), marks=TWO_GPUS),
+    ],
+)
 def test_pipeline_across_cuda_and_cpu_equals_the_unsplit_model(devices: tuple[str, str]) -> None:
     """Activations cross devices through the copy streams and events, in both directions."""
     tokens = torch.randint(0, 16, (10, 12))
@@ -210,15 +221,21 @@ def test_pipeline_across_cuda_and_cpu_equals_the_unsplit_model(devices: tuple[st
     apply_placement(split, plan)
     install_pipeline(split, plan, list(MAP), 4)
     pipeline = split.__dict__["forward"]
+    compute, copy = pipeline.streams.compute_streams, pipeline.streams.copy_streams
+    first_call_streams: list[dict[torch.device, torch.cuda.Stream]] = []
     for _ in range(2):  # the second call reuses the first call's streams
         split.zero_grad()
         out = split(tokens.to(plan.output_device))
         loss = nn.functional.mse_loss(out, target.to(out.device))
         loss.backward()
+        first_call_streams = first_call_streams or [dict(compute), dict(copy)]
     assert pipeline.calls == 2 and out.device == plan.output_device
-    cuda = torch.device("cuda", 0)
-    compute, copy = pipeline.streams.compute_streams, pipeline.streams.copy_streams
-    assert list(compute) == [cuda] and compute[cuda] != copy.get(cuda)  # one of each, kept across calls
+    assert [dict(compute), dict(copy)] == first_call_streams  # created once, kept across calls
+    cuda = {torch.device(d) for d in devices if d.startswith("cuda")}
+    assert set(compute) == cuda  # one compute stream per GPU ...
+    crosses_devices = len(set(devices)) > 1
+    assert set(copy) == (cuda if crosses_devices else set())  # ... and a copy stream where data crosses
+    assert all(copy[d] != compute[d] for d in copy)
     torch.testing.assert_close(
         loss.cpu(), nn.functional.mse_loss(reference(tokens), target), rtol=1e-10, atol=1e-12
     )
