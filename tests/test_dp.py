@@ -295,10 +295,14 @@ class ManualNet(TinyNet):
         self.forward_sizes.append(len(x))
         return self.model(x)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """The step's forward: data-parallel through ``self(x)``."""
+        return self(x)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = F.cross_entropy(self.logits(x), y)
         optimizer.zero_grad()  # type: ignore[union-attr]
         self.manual_backward(loss)
         self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})  # type: ignore[union-attr]
@@ -333,16 +337,8 @@ class DirectCallNet(ManualNet):
             )
         )
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        optimizer = self.optimizers()
-        x, y = batch
-        loss = F.cross_entropy(self.model(x), y)  # not self(x): runs once, on the root device
-        optimizer.zero_grad()  # type: ignore[union-attr]
-        self.manual_backward(loss)
-        self.grads.append({k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()})  # type: ignore[union-attr]
-        optimizer.step()  # type: ignore[union-attr]
-        self.losses.append(float(loss))
-        return loss
+    def logits(self, x: Tensor) -> Tensor:
+        return self.model(x)  # not self(x): runs once, on the root device
 
 
 def test_direct_submodule_calls_in_a_manual_step_run_once_on_the_whole_batch(device_type: str) -> None:

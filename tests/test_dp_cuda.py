@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from lightning_gpupar import DataParallelStrategy
 from tests.conftest import requires_cuda
-from tests.equivalence import ProbeNet, TinyNet, assert_same, make_data, run
-from tests.test_dp import LoggingNet, ManualNet, TestedNet
+from tests.equivalence import ProbeNet, TinyNet, assert_same, run
+from tests.test_dp import LoggingNet, ManualNet
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -61,19 +59,6 @@ def test_metrics_updated_on_two_gpus_merge_and_equal_single_device() -> None:
     assert parallel.metrics["count"] == single.metrics["count"] == 7
     for key in ("acc_step", "train_acc", "loss_mean", "largest", "smallest", "val_acc", "val_loss"):
         assert parallel.metrics[key] == pytest.approx(single.metrics[key], rel=1e-10), key
-
-
-def test_test_epoch_metrics_on_two_gpus_equal_single_device() -> None:
-    loader = DataLoader(make_data(40), batch_size=7)
-    results = []
-    for kwargs in ({"accelerator": "cpu", "devices": 1}, cuda_dp(2)):
-        trainer = pl.Trainer(logger=False, enable_progress_bar=False, **kwargs)
-        (metrics,) = trainer.test(TestedNet(), loader, verbose=False)
-        results.append(metrics)
-    single, parallel = results
-    assert single.keys() == parallel.keys() == {"test_loss", "test_acc", "test_auroc"}
-    for key, value in single.items():
-        assert parallel[key] == pytest.approx(value, rel=1e-6), key
 
 
 def test_a_manual_step_gets_its_batch_and_forward_outputs_on_the_output_device() -> None:
