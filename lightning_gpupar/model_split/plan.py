@@ -439,14 +439,19 @@ def _uncontain(root: nn.Module, path: str) -> list[str]:
 
 def _check_tied(root: nn.Module, entries: Sequence[PlacedModule]) -> None:
     """A parameter shared by two entries must not be placed on two positions."""
-    seen: dict[int, tuple[str, int]] = {}
+    seen: dict[int, tuple[str, int, PlacedModule]] = {}
     for entry in entries:
         module = root.get_submodule(entry.path)
         for name, param in module.named_parameters(recurse=not entry.own_only, remove_duplicate=False):
-            where = (join(entry.path, name), entry.position)
+            where = (join(entry.path, name), entry.position, entry)
             first = seen.setdefault(id(param), where)
             if first[1] != entry.position:
+                together = {e.path: e.position for e in entries if not e.own_only}
+                together[entry.path] = first[1]
                 raise PlacementError(
                     f"{first[0]} and {where[0]} are the same (tied) parameter, placed on positions "
-                    f"{first[1]} and {where[1]}. Place both submodules on one device."
+                    f"{first[1]} and {where[1]}. Tied parameters must live on one device: place "
+                    f"{entry.path or '(root)'} on position {first[1]} (or {first[2].path or '(root)'} on "
+                    f"{where[1]}), e.g. placement={together}; or use placement='auto', which keeps them "
+                    "together."
                 )

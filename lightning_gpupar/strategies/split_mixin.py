@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gpupar.model_split import AppliedSplit, ModelSplit
+from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementPlan
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy as _StrategyBase
@@ -89,9 +89,12 @@ class SplitStrategyMixin(_StrategyBase):
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(
-            self.model, self.split_devices, self.split_title, **planning_inputs(self.model)
-        )
+        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=self.make_plan())
+
+    def make_plan(self) -> PlacementPlan:
+        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input."""
+        assert self.model is not None
+        return self.split.plan(self.model, self.split_devices, **planning_inputs(self.model))
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
