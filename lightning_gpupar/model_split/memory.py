@@ -165,21 +165,44 @@ def _measure_on_meta(optimizer: Optimizer) -> dict[int, int]:
 
 def measure_activations(root: nn.Module, example_input: Any) -> tuple[dict[str, int], dict[str, int], str]:
     """Saved-activation bytes per module (the innermost one running), the modules' execution order, and
-    how they were found; an empty result when there is no example input or the meta forward fails."""
+    how they were found; empty when there is no example input or no forward could run.
+
+    The forward runs on the meta device; a model whose forward needs values (``.item()``, data-dependent
+    shapes) runs on its own CPU tensors instead, when it has them (buffers cloned, nothing kept)."""
     if example_input is None:
         return {}, {}, "not counted: no example input (set the LightningModule's example_input_array)"
-    args, kwargs = _as_call(apply_to_collection(example_input, Tensor, lambda t: t.to("meta")))
+    try:
+        saved, order = _saved_by_module(root, example_input, "meta")
+        where = "measured on the meta device"
+    except Exception as err:
+        on_cpu = all(t.device.type == "cpu" for t in [*root.parameters(), *root.buffers()])
+        if not on_cpu:
+            return {}, {}, f"not counted: the example forward failed on the meta device ({_short(err)})"
+        try:
+            saved, order = _saved_by_module(root, example_input, "cpu")
+        except Exception as cpu_err:
+            return {}, {}, f"not counted: the example forward failed ({_short(cpu_err)})"
+        where = f"measured by a CPU forward (the meta device could not run it: {_short(err)})"
+    batch = _batch_size(example_input)
+    return saved, order, where + (f" (example input, batch of {batch})" if batch is not None else "")
+
+
+def _saved_by_module(root: nn.Module, example_input: Any, device: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Run the forward with stand-ins on ``device`` for every parameter and buffer; count saved tensors."""
+    meta = device == "meta"
+    moved = apply_to_collection(example_input, Tensor, lambda t: t.to(device))
+    args, kwargs = _as_call(moved)
     names = {id(m): path for path, m in root.named_modules()}
-    stand_ins = {
-        name: _meta_like(t)
-        for name, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]
-        if t is not None
-    }
-    excluded = {id(t) for t in stand_ins.values()}
+    tensors = [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]
+    if meta:
+        stand_ins = {name: _meta_like(t) for name, t in tensors if t is not None}
+    else:  # the parameters themselves; buffers cloned, so that running statistics do not move
+        stand_ins = {name: t if isinstance(t, nn.Parameter) else t.clone() for name, t in tensors}
+    excluded = {_key(t) for t in stand_ins.values()}
     running: list[str] = []
     order: dict[str, int] = {}
     saved: dict[str, int] = {}
-    seen: dict[int, Tensor] = {}  # keeps every counted tensor alive, so ids stay unique
+    kept: dict[int, Tensor] = {}  # keeps every counted storage alive, so that its key stays unique
 
     def enter(module: nn.Module, *_: Any) -> None:
         path = names.get(id(module), "")
@@ -191,11 +214,11 @@ def measure_activations(root: nn.Module, example_input: Any) -> tuple[dict[str, 
             running.pop()
 
     def pack(tensor: Tensor) -> Tensor:
-        base = tensor._base if tensor._base is not None else tensor
-        if id(tensor) not in excluded and id(base) not in excluded and id(base) not in seen:
-            seen[id(base)] = base
+        key = _key(tensor)
+        if key not in excluded and key not in kept:
+            kept[key] = tensor
             where = running[-1] if running else ""
-            saved[where] = saved.get(where, 0) + _nbytes(base)
+            saved[where] = saved.get(where, 0) + tensor.untyped_storage().nbytes()
         return tensor
 
     hooks = [m.register_forward_pre_hook(enter) for m in root.modules()]
@@ -204,14 +227,15 @@ def measure_activations(root: nn.Module, example_input: Any) -> tuple[dict[str, 
         with _training_mode(root), torch.random.fork_rng(devices=[]), torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 torch.func.functional_call(root, stand_ins, args, kwargs, tie_weights=False, strict=False)
-    except Exception as err:
-        return {}, {}, f"not counted: the example forward failed on the meta device ({_short(err)})"
     finally:
         for hook in hooks:
             hook.remove()
-    batch = _batch_size(example_input)
-    where = f" (example input, batch of {batch})" if batch is not None else " (example input)"
-    return saved, order, "measured on the meta device" + where
+    return saved, order
+
+
+def _key(tensor: Tensor) -> int:
+    """A saved tensor's storage (views and aliases share it), on meta as on real devices."""
+    return int(tensor.untyped_storage()._cdata)
 
 
 def _meta_like(tensor: Tensor) -> Tensor:

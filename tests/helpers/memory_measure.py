@@ -60,11 +60,13 @@ def measure_training_step(
 
 
 def forward_loss(model: nn.Module, inputs: Any) -> Callable[[], Tensor]:
-    """A loss that is the sum of the model's output (its logits, for a transformers model)."""
+    """A loss that sums every floating-point output (for a transformers model: every field it returns), so
+    that every parameter gets a gradient and optimizer state."""
 
     def run() -> Tensor:
         out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-        out = getattr(out, "logits", getattr(out, "last_hidden_state", out))
-        return out.float().sum()
+        values = out.to_tuple() if hasattr(out, "to_tuple") else (out,)
+        floats = [v for v in values if isinstance(v, Tensor) and v.is_floating_point()]
+        return torch.stack([v.float().sum() for v in floats]).sum()
 
     return run
