@@ -2,7 +2,7 @@
 training, so that devices, ``max_memory`` and ``no_split`` can be tried before a run.
 
     gpupar-plan strategy=model_split model=transformer trainer.accelerator=cpu strategy.device_ids=3
-    python -m lightning_gpupar.cli.plan strategy=ddp_split strategy.device_ids=4 'strategy.max_memory={0:1GiB}'
+    python -m lightning_gpupar.cli.plan strategy=ddp_split strategy.device_ids=4 'strategy.max_memory={0:4GB}'
 
 The config is composed from ``--config-dir`` (default ``./conf``) with the overrides given, as
 ``examples/train.py`` composes it. The model is built on the meta device (nothing is allocated); the
@@ -13,6 +13,7 @@ first element (skip that with ``--no-data``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -52,16 +53,14 @@ def compose_config(config_dir: Path, config_name: str, overrides: list[str]) -> 
     root = str(config_dir.parent)
     if root not in sys.path:
         sys.path.insert(0, root)  # the config's targets (``examples.models...``) import from there
-    try:
+    with contextlib.suppress(ImportError):
         importlib.import_module("examples.schema").register_app_configs()
-    except ImportError:
-        pass
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return compose(config_name, overrides=overrides)
 
 
 def plan_for_config(cfg: DictConfig, use_data: bool = True) -> PlacementPlan:
-    """The plan the config's split strategy would apply to rank 0's model copy, computed on the meta device."""
+    """The plan the config's split strategy would apply to rank 0's model copy, built on the meta device."""
     trainer = build_trainer(
         cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
     )

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,9 +77,7 @@ def execution_order(root: nn.Module, memory: ModelMemory) -> dict[str, tuple[int
     return {p: (first.get(p, never), r) for p, r in registration.items()}
 
 
-def walk_units(
-    root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_split: set[str]
-) -> list[Unit]:
+def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_split: set[str]) -> list[Unit]:
     """The units to place, in execution order: descend where a module exceeds the current device's share."""
     key = execution_order(root, memory)
     n = len(caps)
@@ -165,10 +164,13 @@ def balance_memory(units: Sequence[ChainUnit], caps: Sequence[float]) -> list[in
 
 
 def min_max_load(costs: Sequence[int], caps: Sequence[float]) -> float | None:
-    """The least achievable largest device total over contiguous partitions under ``caps`` (``None``: none)."""
+    """The least achievable largest device total of a contiguous partition under ``caps`` (or ``None``)."""
     if not _fits(costs, caps, float("inf")):
         return None
-    candidates = sorted({sum(costs[i:j]) for i in range(len(costs)) for j in range(i + 1, len(costs) + 1)})
+    prefix = [0, *itertools.accumulate(costs)]
+    candidates = sorted(
+        {prefix[j] - prefix[i] for i in range(len(costs)) for j in range(i + 1, len(costs) + 1)}
+    )
     lo, hi = 0, len(candidates) - 1
     if not candidates:
         return 0

@@ -61,9 +61,7 @@ def plan_from_json(
             "unplaced: every rank must build the same model."
         )
     placement = {path: pos for path, pos, own_only in rows if not own_only}
-    plan = plan_placement(
-        root, devices, placement, default_device=0, output_device=output, **planning
-    )
+    plan = plan_placement(root, devices, placement, default_device=0, output_device=output, **planning)
     positions = {(path, True): pos for path, pos, own_only in rows if own_only}
     entries = tuple(
         _reposition(e, positions[(e.path, True)]) if (e.path, True) in positions else e for e in plan.entries

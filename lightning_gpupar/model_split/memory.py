@@ -187,7 +187,9 @@ def measure_activations(root: nn.Module, example_input: Any) -> tuple[dict[str, 
     return saved, order, where + (f" (example input, batch of {batch})" if batch is not None else "")
 
 
-def _saved_by_module(root: nn.Module, example_input: Any, device: str) -> tuple[dict[str, int], dict[str, int]]:
+def _saved_by_module(
+    root: nn.Module, example_input: Any, device: str
+) -> tuple[dict[str, int], dict[str, int]]:
     """Run the forward with stand-ins on ``device`` for every parameter and buffer; count saved tensors."""
     meta = device == "meta"
     moved = apply_to_collection(example_input, Tensor, lambda t: t.to(device))
@@ -224,9 +226,13 @@ def _saved_by_module(root: nn.Module, example_input: Any, device: str) -> tuple[
     hooks = [m.register_forward_pre_hook(enter) for m in root.modules()]
     hooks += [m.register_forward_hook(leave, always_call=True) for m in root.modules()]
     try:
-        with _training_mode(root), torch.random.fork_rng(devices=[]), torch.enable_grad():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                torch.func.functional_call(root, stand_ins, args, kwargs, tie_weights=False, strict=False)
+        with (
+            _training_mode(root),
+            torch.random.fork_rng(devices=[]),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            torch.func.functional_call(root, stand_ins, args, kwargs, tie_weights=False, strict=False)
     finally:
         for hook in hooks:
             hook.remove()

@@ -17,8 +17,8 @@ forward on the meta device), so it works on a model built on the meta device and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +94,7 @@ class PlacedModule:
     num_params: int
     num_bytes: int
     source: str  # "map", "auto" or "default"
-    memory: MemoryParts = MemoryParts()  # what training needs for it (tied tensors count with their owner)
+    memory: MemoryParts = dataclasses.field(default_factory=MemoryParts)  # training needs (tied: with owner)
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,9 @@ def _caps(max_memory: Mapping[Any, int | str] | None, devices: Sequence[torch.de
                 f"max_memory[{key!r}]: the keys are device positions, {valid}; {key!r} is not one."
             )
         try:
-            size = parse_bytes(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+            size = (
+                parse_bytes(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+            )
         except ValueError:
             size = None
         if size is None or size <= 0:
@@ -402,7 +404,6 @@ def _no_fit_message(
             fixes.append(f"removing {name} from no_split ({path} alone needs {format_bytes(largest.cost)})")
     lines.append("Smallest changes that fit: " + "; or ".join(fixes) + ".")
     return "\n".join(lines)
-
 
 
 def _units(root: nn.Module, stages: list[str]) -> list[PlacedModule]:

@@ -71,7 +71,9 @@ def memory_table(plan: PlacementPlan, free_bytes: Callable[[torch.device], int |
         f"activations: {sources.get('activations', 'not counted')}",
     ]
     if plan.tied:
-        notes.append("tied (counted once, with the first): " + ", ".join(f"{a} = {b}" for a, b in plan.tied.items()))
+        notes.append(
+            "tied (counted once, with the first): " + ", ".join(f"{a} = {b}" for a, b in plan.tied.items())
+        )
     if totals and min(totals) > 0:
         notes.append(f"balance: largest/smallest device total = {max(totals) / min(totals):.2f}")
     return "\n".join(lines + notes)

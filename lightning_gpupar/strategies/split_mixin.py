@@ -46,7 +46,7 @@ def planning_inputs(module: torch.nn.Module) -> dict[str, Any]:
     found: dict[str, Any] = {"example_input": getattr(module, "example_input_array", None)}
     if isinstance(module, pl.LightningModule):
         try:
-            optimizers, _, _ = _configure_optimizers(module.configure_optimizers())
+            optimizers, _, _ = _configure_optimizers(module.configure_optimizers())  # type: ignore[arg-type]
             found["optimizer"] = optimizers[0] if optimizers else None
         except Exception as err:  # a hook that needs the trainer's loop state: fall back to the assumption
             rank_zero_warn(
@@ -89,7 +89,9 @@ class SplitStrategyMixin(_StrategyBase):
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=self.make_plan())
+        self.applied = self.split.apply(
+            self.model, self.split_devices, self.split_title, plan=self.make_plan()
+        )
 
     def make_plan(self) -> PlacementPlan:
         """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input."""

@@ -55,7 +55,11 @@ def measure_training_step(
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor) and v.dim()]
     grads = [p.grad for p in params if p.grad is not None]
     return Measured(
-        _storage_bytes(params), _storage_bytes(buffers), _storage_bytes(grads), _storage_bytes(state), activations
+        _storage_bytes(params),
+        _storage_bytes(buffers),
+        _storage_bytes(grads),
+        _storage_bytes(state),
+        activations,
     )
 
 

@@ -92,7 +92,11 @@ def test_a_no_split_class_the_model_lacks_is_refused_naming_its_classes() -> Non
     ("make", "per_param", "source"),
     [
         (lambda ps: torch.optim.Adam(ps), 2, r"Adam: 2 tensors"),
-        (lambda ps: torch.optim.AdamW(ps, amsgrad=True), 3, r"AdamW: 2 tensors per parameter \(3 with amsgrad"),
+        (
+            lambda ps: torch.optim.AdamW(ps, amsgrad=True),
+            3,
+            r"AdamW: 2 tensors per parameter \(3 with amsgrad",
+        ),
         (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 1, r"SGD: 1 tensor"),
         (lambda ps: torch.optim.SGD(ps, lr=0.1), 0, r"SGD: 1 tensor per parameter with momentum, none"),
         (lambda ps: torch.optim.Adagrad(ps), 1, r"Adagrad: measured by one step on the meta device"),
@@ -104,7 +108,9 @@ def test_optimizer_state_per_parameter(make: object, per_param: int, source: str
     model = TiedLM()
     model.body[0].requires_grad_(False)  # frozen: no gradient, no state
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    plan = plan_placement(model, CPU2, "auto", optimizer=make([p for p in model.parameters() if p.requires_grad]))  # type: ignore[operator]
+    plan = plan_placement(
+        model, CPU2, "auto", optimizer=make([p for p in model.parameters() if p.requires_grad])
+    )  # type: ignore[operator]
     parts = plan.memory_per_position()
     assert sum(p.grads for p in parts) == trainable
     assert sum(p.optimizer for p in parts) == per_param * trainable
@@ -132,7 +138,10 @@ def test_activations_are_measured_per_module_on_the_meta_device_or_said_to_be_mi
 @pytest.mark.parametrize(
     ("max_memory", "message"),
     [
-        ({2: "1GiB"}, r"max_memory\[2\]: the keys are device positions, positions 0\.\.1 \(cpu, cpu\); 2 is not"),
+        (
+            {2: "1GiB"},
+            r"max_memory\[2\]: the keys are device positions, positions 0\.\.1 \(cpu, cpu\); 2 is not",
+        ),
         ({"gpu0": "1GiB"}, r"max_memory\['gpu0'\]: the keys are device positions, positions 0\.\.1"),
         ({0: "lots"}, r"max_memory\[0\]='lots' is not a positive size: write bytes as an int, or .*10GiB"),
         ({0: 0}, r"max_memory\[0\]=0 is not a positive size"),
@@ -156,7 +165,9 @@ def test_a_model_that_cannot_fit_shows_the_need_the_caps_and_the_smallest_fix() 
     assert "cap " in text
     assert "more device(s)" in text and "max_memory of at least" in text
     with pytest.raises(PlacementError, match=r"removing TransformerNet from no_split"):
-        plan_placement(model, CPU2, "auto", max_memory={0: need // 2 + 1, 1: need // 2 + 1}, no_split=["TransformerNet"])
+        plan_placement(
+            model, CPU2, "auto", max_memory={0: need // 2 + 1, 1: need // 2 + 1}, no_split=["TransformerNet"]
+        )
 
 
 # -- the table --------------------------------------------------------------------------------------------
@@ -164,7 +175,9 @@ def test_a_model_that_cannot_fit_shows_the_need_the_caps_and_the_smallest_fix() 
 
 def test_the_table_shows_each_part_per_device_the_headroom_and_a_bar() -> None:
     model = TiedLM()
-    plan = plan_placement(model, CPU2, "auto", max_memory={0: "40KiB"}, example_input=torch.zeros(2, 5, dtype=torch.long))
+    plan = plan_placement(
+        model, CPU2, "auto", max_memory={0: "40KiB"}, example_input=torch.zeros(2, 5, dtype=torch.long)
+    )
     table = plan.table()
     header = next(line for line in table.splitlines() if line.startswith("pos"))
     for column in ("params", "buffers", "grads", "optimizer", "activations", "total", "limit", "headroom"):
@@ -209,5 +222,7 @@ def test_pipelined_auto_places_chain_units_and_refuses_a_forward_that_is_no_chai
     strategy.model_to_device()
     assert strategy.applied is not None
     assert [e.path for e in strategy.applied.plan.entries] == ["model.a", "model.b"]
-    with pytest.raises(PipelineError, match=r"model.a -> model.b, but model.b does not receive model.a's output"):
+    with pytest.raises(
+        PipelineError, match=r"model.a -> model.b, but model.b does not receive model.a's output"
+    ):
         module(torch.randn(4, 4))

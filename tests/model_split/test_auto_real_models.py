@@ -58,7 +58,7 @@ def test_auto_walks_into_the_model_and_balances_as_well_as_its_units_allow(
     assert set(blocks) <= set(paths), "every block is its own unit: auto walked down to them"
     assert not [p for p in paths for b in blocks if p.startswith(b + ".")], "a block was split"
     costs, positions = chain_costs(net, plan)  # also: tied parameters share a position
-    assert positions == sorted(positions), f"not contiguous: {list(zip(paths, positions))}"
+    assert positions == sorted(positions), f"not contiguous: {paths} {positions}"
     ours = device_totals(costs, positions, n)
     best = brute_force_best(costs, n)
     assert max(ours) <= max(best), (ours, best)  # as good as any contiguous split of these units

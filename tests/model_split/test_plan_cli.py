@@ -42,7 +42,13 @@ def test_a_strategy_that_places_nothing_is_named(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.slow
 def test_runs_as_a_module_from_the_command_line() -> None:
-    command = [sys.executable, "-m", "lightning_gpupar.cli.plan", "strategy=ddp_split", "trainer.accelerator=cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_gpupar.cli.plan",
+        "strategy=ddp_split",
+        "trainer.accelerator=cpu",
+    ]
     command += ["strategy.device_ids=4", "strategy.devices_per_process=2", "model=transformer", "--no-data"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr

@@ -51,14 +51,19 @@ def test_a_rank_places_by_the_handed_plan_not_its_own(monkeypatch: pytest.Monkey
     plan = strategy.make_plan()
     assert [(e.path, e.position) for e in plan.entries] == [("model", 1)]
     assert plan.output_position == 1
-    assert sum(p.params for p in plan.memory_per_position()) == sum(p.params for p in own.memory_per_position())
+    assert sum(p.params for p in plan.memory_per_position()) == sum(
+        p.params for p in own.memory_per_position()
+    )
     assert plan.sources["optimizer"].startswith("SGD")  # read from configure_optimizers before placement
 
 
 @pytest.mark.parametrize(
     ("handed", "message"),
     [
-        ({"entries": [["model.9", 0, False]], "output": 0}, r"places 'model\.9', which this rank's model lacks"),
+        (
+            {"entries": [["model.9", 0, False]], "output": 0},
+            r"places 'model\.9', which this rank's model lacks",
+        ),
         ({"entries": [["model.0", 0, False]], "output": 0}, r"leaves \['model\.2'\] .* unplaced"),
         ({"rows": []}, r"does not hold a plan"),
     ],
@@ -87,4 +92,7 @@ def test_own_tensor_entries_travel_too() -> None:
 
     handed = {"entries": [["", 1, True], ["inner", 0, False]], "output": 0}
     plan = plan_from_json(Owner(), CPU4[:2], json.dumps(handed))
-    assert sorted((e.path, e.own_only, e.position) for e in plan.entries) == [("", True, 1), ("inner", False, 0)]
+    assert sorted((e.path, e.own_only, e.position) for e in plan.entries) == [
+        ("", True, 1),
+        ("inner", False, 0),
+    ]
