@@ -294,14 +294,14 @@ def charge(units: list[tuple[str, bool]], memory: ModelMemory) -> list[MemoryPar
     runs: with the last unit that ran before it (the first unit, if none did).
     """
     charged = [MemoryParts() for _ in units]
+    firsts = [_first_call(path, own_only, memory.order) for path, own_only in units]
     for path, parts in memory.own.items():
-        if parts.total == 0:
+        if parts.total == 0 or not units:
             continue
         index = _covering(units, path)
         if index is None:
-            index = _preceding(units, path, memory.order)
-        if index is not None:
-            charged[index] = charged[index] + parts
+            index = _preceding(firsts, memory.order.get(path))
+        charged[index] = charged[index] + parts
     return charged
 
 
@@ -312,17 +312,13 @@ def _covering(units: list[tuple[str, bool]], path: str) -> int | None:
     return None
 
 
-def _preceding(units: list[tuple[str, bool]], path: str, order: Mapping[str, int]) -> int | None:
-    if not units:
-        return None
-    here = order.get(path)
-    if here is None:
-        return 0
+def _preceding(firsts: list[int | None], here: int | None) -> int:
+    """The last unit whose first call came before ``here`` (the first unit when none did)."""
     best = 0
-    for index, (unit, own_only) in enumerate(units):
-        first = _first_call(unit, own_only, order)
-        if first is not None and first <= here:
-            best = index
+    if here is not None:
+        for index, first in enumerate(firsts):
+            if first is not None and first <= here:
+                best = index
     return best
 
 
