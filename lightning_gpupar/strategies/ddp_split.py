@@ -14,7 +14,6 @@ group); the launching process plans rank 0's placement before any other process 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_gpupar.model_split import ModelSplit, Placement, Recompute
-from lightning_gpupar.strategies.ddp import DEFAULT_TIMEOUT_S, DDPStrategy, StartMethod
+from lightning_gpupar.strategies.ddp import DDPStrategy
 from lightning_gpupar.strategies.launcher import DDPLaunchError
 from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin
 
@@ -37,8 +36,8 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
             how each process splits its copy, as in
             :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`; positions count within the
             process's own group (0..k-1).
-        find_unused_parameters, static_graph, gradient_as_bucket_view, process_group_backend, timeout,
-        start_method, **kwargs: as in :class:`~lightning_gpupar.strategies.ddp.DDPStrategy`.
+        **ddp_kwargs: DDP's options (``find_unused_parameters``, ``timeout``, ``process_group_backend``...),
+            as in :class:`~lightning_gpupar.strategies.ddp.DDPStrategy`.
     """
 
     strategy_name = "ddp_split"
@@ -55,13 +54,7 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         max_memory: Mapping[Any, int | str] | None = None,
         no_split: Sequence[str] | None = None,
         checkpoint: Recompute = None,
-        find_unused_parameters: bool = False,
-        static_graph: bool = False,
-        gradient_as_bucket_view: bool = False,
-        process_group_backend: str | None = None,
-        timeout: float | timedelta | None = DEFAULT_TIMEOUT_S,
-        start_method: StartMethod = "popen",
-        **kwargs: Any,
+        **ddp_kwargs: Any,
     ) -> None:
         if devices_per_process < 2:
             raise DDPLaunchError(
@@ -73,16 +66,7 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         )
         self._all_devices: list[torch.device] | None = None
         self._check_group_positions(devices_per_process)
-        super().__init__(
-            find_unused_parameters=find_unused_parameters,
-            static_graph=static_graph,
-            gradient_as_bucket_view=gradient_as_bucket_view,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-            devices_per_process=devices_per_process,
-            **kwargs,
-        )
+        super().__init__(devices_per_process=devices_per_process, **ddp_kwargs)
 
     # -- devices: Lightning counts processes, each process owns a group ---------------------------------
 
