@@ -119,8 +119,11 @@ def reference(case: Case, shards: int = 1, steps: int = 2) -> CaseModule:
     return fit(case, steps=steps, shards=shards)
 
 
-def assert_same_training(got: CaseModule, want: CaseModule, rtol: float = 1e-9, atol: float = 1e-11) -> None:
-    """Every step's loss and every parameter's gradient agree (float64)."""
+def assert_same_training(
+    got: CaseModule, want: CaseModule, state: bool = True, rtol: float = 1e-9, atol: float = 1e-11
+) -> None:
+    """Every step's loss and every parameter's gradient agree (float64); with ``state``, so do the final
+    parameters and buffers."""
     assert len(got.losses) == len(want.losses) > 0
     torch.testing.assert_close(got.losses, want.losses, rtol=rtol, atol=atol)
     assert len(got.grads) == len(want.grads)
@@ -130,3 +133,15 @@ def assert_same_training(got: CaseModule, want: CaseModule, rtol: float = 1e-9, 
             torch.testing.assert_close(
                 a[key], b[key], rtol=rtol, atol=atol, msg=f"step {step}: grad of {key}"
             )
+    if state:
+        assert_same_state(got.state_dict(), want.state_dict(), rtol=rtol, atol=atol)
+
+
+def assert_same_state(
+    got: Mapping[str, Tensor], want: Mapping[str, Tensor], rtol: float = 1e-9, atol: float = 1e-11
+) -> None:
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(
+            got[key].cpu(), want[key].cpu(), rtol=rtol, atol=atol, msg=f"{key} differs"
+        )
