@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,18 +92,33 @@ def spectral_normed() -> nn.Module:
     )
 
 
-def test_spectral_norm_power_iteration_updates_the_root_as_on_one_device(replicas: int) -> None:
+def legacy_spectral_normed() -> nn.Module:
+    """``torch.nn.utils.spectral_norm``: a forward pre-hook computes the weight, buffers ``weight_u/v``."""
+    return nn.Sequential(
+        nn.Linear(FEATURES, 8),
+        nn.Tanh(),
+        torch.nn.utils.spectral_norm(nn.Linear(8, CLASSES), n_power_iterations=2),
+    )
+
+
+@pytest.mark.parametrize(
+    "build", [spectral_normed, legacy_spectral_normed], ids=["parametrization", "legacy hook"]
+)
+def test_spectral_norm_power_iteration_updates_the_root_as_on_one_device(
+    build: Callable[[], nn.Module], replicas: int
+) -> None:
     """The power-iteration vectors update in place in training: the first replica shares the root's, as
     ``nn.DataParallel`` does, so the next step starts from the updated vectors (step 2's loss shows it)."""
-    case = Case("spectral norm", spectral_normed, features_batch, classify)
+    case = Case("spectral norm", build, features_batch, classify)
     trained = assert_dp_equals_single_device(case, replicas)
     state, single = trained.state_dict(), reference(case).state_dict()
-    vectors = [k for k in state if k.endswith(("._u", "._v"))]
+    vectors = [k for k in state if k.endswith(("._u", "._v", "weight_u", "weight_v"))]
     assert len(vectors) == 2
-    initial = Case("fresh", spectral_normed, features_batch, classify).build()
+    torch.manual_seed(0)  # as CaseModule: the vectors the training started from
+    initial = build().double().state_dict()
     for key in vectors:
         torch.testing.assert_close(state[key], single[key], rtol=1e-10, atol=1e-12)
-        assert not torch.allclose(state[key], initial.state_dict()[key.removeprefix("model.")].double())
+        assert not torch.allclose(state[key], initial[key.removeprefix("model.")])
 
 
 # -- tied parameters ------------------------------------------------------------------------------------
