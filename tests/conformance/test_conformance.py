@@ -45,8 +45,10 @@ def test_dp_equals_single_device(case: Case, replicas: int) -> None:
 
 def split(case: Case, placement: Any, chunks: int) -> None:
     sharded = chunks > 1 and "pipeline" in case.sharded_under
-    trained = fit(case, strategy=ModelSplitStrategy(placement=placement, chunks=chunks), devices=2)
+    strategy = ModelSplitStrategy(placement=placement, chunks=chunks)
+    trained = fit(case, strategy=strategy, devices=2)
     assert_same_training(trained, reference(case, shards=chunks if sharded else 1))
+    assert {entry.position for entry in strategy.plan_for(trained).entries} == {0, 1}  # really split
 
 
 @pytest.mark.parametrize("case", cases())

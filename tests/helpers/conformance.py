@@ -120,7 +120,7 @@ def reference(case: Case, shards: int = 1, steps: int = 2) -> CaseModule:
 
 
 def assert_same_training(
-    got: CaseModule, want: CaseModule, state: bool = True, rtol: float = 1e-9, atol: float = 1e-11
+    got: CaseModule, want: CaseModule, state: bool = True, rtol: float = 1e-10, atol: float = 1e-12
 ) -> None:
     """Every step's loss and every parameter's gradient agree (float64); with ``state``, so do the final
     parameters and buffers."""
@@ -138,7 +138,7 @@ def assert_same_training(
 
 
 def assert_same_state(
-    got: Mapping[str, Tensor], want: Mapping[str, Tensor], rtol: float = 1e-9, atol: float = 1e-11
+    got: Mapping[str, Tensor], want: Mapping[str, Tensor], rtol: float = 1e-10, atol: float = 1e-12
 ) -> None:
     assert got.keys() == want.keys()
     for key in got:
