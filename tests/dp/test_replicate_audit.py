@@ -154,6 +154,17 @@ def test_tied_parameters_stay_tied_in_every_replica(replicas: int) -> None:
     assert all(r.head.weight is r.embed.weight for r in copies)
 
 
+def shared_layer() -> nn.Module:
+    layer = nn.Linear(FEATURES, FEATURES)
+    return nn.Sequential(layer, nn.Tanh(), layer, nn.Tanh(), nn.Linear(FEATURES, CLASSES))
+
+
+def test_a_submodule_registered_twice_is_one_module_in_every_replica(replicas: int) -> None:
+    assert_dp_equals_single_device(Case("shared layer", shared_layer, features_batch, classify), replicas)
+    copies = replicate(shared_layer().double(), [torch.device("cpu")] * replicas)
+    assert all(r[0] is r[2] for r in copies)
+
+
 # -- buffers ----------------------------------------------------------------------------------------------
 
 
@@ -190,10 +201,12 @@ def hooked() -> nn.Module:
         lambda module, args, kwargs: ((args[0].flip(-1),), kwargs), with_kwargs=True
     )
     net[2].register_forward_hook(lambda module, args, out: out * 3)
+    net[2].register_full_backward_pre_hook(lambda module, grad_out: (grad_out[0] * 0.5,))
+    net[2].register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0].roll(1, -1),))
     return net
 
 
-def test_forward_hooks_and_pre_hooks_run_in_every_replica(replicas: int) -> None:
+def test_forward_and_backward_hooks_run_in_every_replica(replicas: int) -> None:
     case = Case("hooks", hooked, features_batch, classify)
     assert_dp_equals_single_device(case, replicas)
     seen: list[nn.Module] = []
