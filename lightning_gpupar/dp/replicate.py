@@ -9,7 +9,10 @@ Rules, as in ``nn.DataParallel``:
 * parameters are differentiable copies, so gradients of every replica flow back to the root's leaves;
 * the first replica shares the root's buffers (in-place updates such as BatchNorm running statistics are
   kept), the others get copies whose updates are dropped at the end of the step;
-* anything a replica stores on ``self`` during a step is dropped with the replica.
+* anything a replica stores on ``self`` during a step is dropped with the replica;
+* ``None`` parameters and buffers (``bias=False``) stay ``None``; a tensor held by several modules (tied
+  weights) is copied once and every holder gets that copy; hooks, parametrizations and an RNN's
+  ``_flat_weights`` (re-pointed by ``setattr``) behave as in torch's replicas.
 
 Two additions: a replica's ``self.device`` is its own device, and a torchmetrics ``Metric`` is copied with
 empty state (its updates are merged into the root's metric by :mod:`lightning_gpupar.dp.replica_results`).
@@ -67,10 +70,10 @@ def replicate(root: ModuleT, devices: Sequence[torch.device]) -> list[ModuleT]:
     modules = [m for m in root.modules() if id(m) not in inside_metrics]
     index = {id(m): i for i, m in enumerate(modules)}
 
-    params = [
-        p for m in modules if not isinstance(m, Metric) for p in m._parameters.values() if p is not None
-    ]
-    buffers = [b for m in modules if not isinstance(m, Metric) for b in m._buffers.values() if b is not None]
+    # Each tensor once, however many modules hold it (tied weights): every holder gets the same copy.
+    own = [m for m in modules if not isinstance(m, Metric)]
+    params = list({id(p): p for m in own for p in m._parameters.values() if p is not None}.values())
+    buffers = list({id(b): b for m in own for b in m._buffers.values() if b is not None}.values())
     param_copies = copy_tensors(params, devices, share_first=True)
     buffer_copies = copy_tensors(buffers, devices, share_first=True)
     param_index = {id(p): i for i, p in enumerate(params)}
@@ -87,7 +90,9 @@ def replicate(root: ModuleT, devices: Sequence[torch.device]) -> list[ModuleT]:
             for name, child in module._modules.items():
                 replica._modules[name] = None if child is None else replicas[j][index[id(child)]]
             for name, param in module._parameters.items():
-                if param is not None:  # replicas hold non-leaf tensors as plain attributes, like torch's
+                if param is None:  # `bias=False`: the attribute exists and is None, as on the root
+                    replica._parameters[name] = None
+                else:  # replicas hold non-leaf tensors as plain attributes, like torch's
                     setattr(replica, name, param_copies[j][param_index[id(param)]])
             for name, buf in module._buffers.items():
                 replica._buffers[name] = None if buf is None else buffer_copies[j][buffer_index[id(buf)]]

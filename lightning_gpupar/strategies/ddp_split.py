@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,7 +30,7 @@ from lightning_gpupar.model_split.handoff import (
     plan_from_json,
     plan_to_json,
 )
-from lightning_gpupar.strategies.ddp import DEFAULT_TIMEOUT_S, DDPStrategy, StartMethod
+from lightning_gpupar.strategies.ddp import DDPStrategy
 from lightning_gpupar.strategies.launcher import DDPLaunchError
 from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin, planning_inputs
 
@@ -45,8 +44,8 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
             how each process splits its copy, as in
             :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`; positions count within the
             process's own group (0..k-1).
-        find_unused_parameters, static_graph, gradient_as_bucket_view, process_group_backend, timeout,
-        start_method, **kwargs: as in :class:`~lightning_gpupar.strategies.ddp.DDPStrategy`.
+        **ddp_kwargs: DDP's options (``find_unused_parameters``, ``timeout``, ``process_group_backend``...),
+            as in :class:`~lightning_gpupar.strategies.ddp.DDPStrategy`.
     """
 
     strategy_name = "ddp_split"
@@ -63,13 +62,7 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         max_memory: Mapping[Any, int | str] | None = None,
         no_split: Sequence[str] | None = None,
         checkpoint: Recompute = None,
-        find_unused_parameters: bool = False,
-        static_graph: bool = False,
-        gradient_as_bucket_view: bool = False,
-        process_group_backend: str | None = None,
-        timeout: float | timedelta | None = DEFAULT_TIMEOUT_S,
-        start_method: StartMethod = "popen",
-        **kwargs: Any,
+        **ddp_kwargs: Any,
     ) -> None:
         if devices_per_process < 2:
             raise DDPLaunchError(
@@ -81,16 +74,7 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         )
         self._all_devices: list[torch.device] | None = None
         self._check_group_positions(devices_per_process)
-        super().__init__(
-            find_unused_parameters=find_unused_parameters,
-            static_graph=static_graph,
-            gradient_as_bucket_view=gradient_as_bucket_view,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-            devices_per_process=devices_per_process,
-            **kwargs,
-        )
+        super().__init__(devices_per_process=devices_per_process, **ddp_kwargs)
 
     # -- devices: Lightning counts processes, each process owns a group ---------------------------------
 

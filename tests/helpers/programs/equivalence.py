@@ -80,7 +80,7 @@ def main() -> None:
 
     class Positions(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            applied = strategy.applied
+            applied = getattr(strategy, "applied", None)  # plain DDP places nothing
             positions.update({p: applied.plan.position_of(p) for p in ("net.0", "net.2")} if applied else {})
 
     trainer = pl.Trainer(
