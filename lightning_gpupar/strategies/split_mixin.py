@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gpupar.model_split import AppliedSplit, ModelSplit
+from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementPlan
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy as _StrategyBase
@@ -37,6 +38,23 @@ def optimizer_state_to_parameter_devices(optimizer: Optimizer) -> None:
         for key, value in state.items():
             if isinstance(value, Tensor) and key != "step":
                 state[key] = value.to(param.device)
+
+
+def planning_inputs(module: torch.nn.Module) -> dict[str, Any]:
+    """What the plan's training-memory estimate can use before placement: the optimizer
+    ``configure_optimizers`` returns (its first, when it returns several) and ``example_input_array``."""
+    found: dict[str, Any] = {"example_input": getattr(module, "example_input_array", None)}
+    if isinstance(module, pl.LightningModule):
+        try:
+            optimizers, _, _ = _configure_optimizers(module.configure_optimizers())  # type: ignore[arg-type]
+            found["optimizer"] = optimizers[0] if optimizers else None
+        except Exception as err:  # a hook that needs the trainer's loop state: fall back to the assumption
+            rank_zero_warn(
+                f"configure_optimizers could not run before placement ({type(err).__name__}: {err}); the "
+                "plan assumes Adam-style optimizer state (2 tensors per parameter).",
+                category=UserWarning,
+            )
+    return found
 
 
 class SplitStrategyMixin(_StrategyBase):
@@ -71,7 +89,14 @@ class SplitStrategyMixin(_StrategyBase):
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(self.model, self.split_devices, self.split_title)
+        self.applied = self.split.apply(
+            self.model, self.split_devices, self.split_title, plan=self.make_plan()
+        )
+
+    def make_plan(self) -> PlacementPlan:
+        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input."""
+        assert self.model is not None
+        return self.split.plan(self.model, self.split_devices, **planning_inputs(self.model))
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
