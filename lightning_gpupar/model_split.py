@@ -8,11 +8,13 @@ it in every DDP process over that process's own group of devices.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -170,6 +172,34 @@ class SplitStrategyMixin(_StrategyBase):
                     category=UserWarning,
                 )
         return output
+
+    # -- before placement (issue 15, suspicion 4): the output device, and no whole model on one GPU --------
+
+    def _output_device_before_placement(self, devices: Sequence[torch.device]) -> torch.device:
+        """Where the plan will put outputs, before it is applied: asked of the plan (sizes only, nothing
+        moves) once the LightningModule is attached, so the first CUDA call (``setup_environment``'s
+        ``set_device``) is on that device, not on the last one; the declared ``output_device`` position
+        (else the last device) while no module exists or its layers are still to be built."""
+        module = self.lightning_module
+        if module is not None:
+            try:
+                return self.split.plan(module, devices).output_device
+            except PlacementError:
+                pass  # e.g. layers that configure_model builds later
+        position = self.split.output_device
+        return devices[min(position, len(devices) - 1) if position is not None else -1]
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """``Trainer.init_module()`` and ``configure_model`` build the model on the CPU, not on
+        ``root_device``: the whole model on one GPU is the OOM splitting exists to avoid; placement then
+        moves each part to its device. (Only under a split; plain DDP keeps Lightning's.)"""
+        if not getattr(self, "is_split", True):
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with _EmptyInit(enabled=bool(empty_init)), self.precision_plugin.tensor_init_context():
+            yield
 
     def _place(self, module: nn.Module, devices: Sequence[torch.device], title: str) -> AppliedSplit:
         self._unplace()

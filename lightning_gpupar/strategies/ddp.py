@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -150,8 +152,7 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
             return super().root_device
         if self.applied is not None:
             return self.applied.plan.output_device
-        output = self.split.output_device
-        return self.device_group[output if output is not None else -1]
+        return self._output_device_before_placement(self.device_group)
 
     def model_to_device(self) -> None:
         """Split this process's model copy over its device group (``ddp_split``), else Lightning's move."""
@@ -253,6 +254,34 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
             self.local_rank,
             self.process_group_backend,
         )
+
+    # -- ddp_split under NCCL (issue 15, suspicion 1): belongs to DDPSplitStrategy -----------------------
+    # Lightning binds the process group to ``root_device`` (``init_process_group(device_id=...)``). A bound
+    # NCCL group refuses collectives on the process's other devices, and DDP's parameter check,
+    # ``_sync_module_states`` and buffer broadcasts touch all of them. Under ddp_split the group is created
+    # unbound, and ``barrier`` names its device (Lightning passes ``determine_ddp_device_ids()``, None here).
+
+    def setup_distributed(self) -> None:
+        """Lightning's, but under ddp_split without binding the process group to one device."""
+        if not self.is_split:
+            super().setup_distributed()
+            return
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """Under ddp_split with NCCL, a barrier on this process's output device (named: the group is
+        unbound, and NCCL would otherwise guess a device from the rank)."""
+        if not self.is_split or not _distributed_is_initialized():
+            super().barrier(*args, **kwargs)
+            return
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
 
     def _check_root_device(self) -> None:
         """Every device this process trains on (its whole group under ``ddp_split``) exists here."""

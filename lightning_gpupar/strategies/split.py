@@ -101,9 +101,7 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
         """The output device: where batches arrive and outputs, loss and metrics live."""
         if self.applied is not None:
             return self.applied.plan.output_device
-        output = self.split.output_device
-        position = output if output is not None else len(self.devices) - 1
-        return self.devices[min(position, len(self.devices) - 1)]
+        return self._output_device_before_placement(self.devices)
 
     # -------------------------------------------------------------------------------- placement
 
