@@ -49,7 +49,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning_gpupar.batch import split_batch
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.gather import gather_outputs
-from lightning_gpupar.parallel_apply import run_parallel
+from lightning_gpupar.parallel_apply import on_device, run_parallel
 from lightning_gpupar.replica_results import (
     LogRecorder,
     logged_metric_ids,
@@ -182,12 +182,12 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         shards, sizes = split_batch(batch, len(self.devices))
         devices = self.devices[: len(shards)]
         dataloader_idx = kwargs.get("dataloader_idx", args[1] if len(args) > 1 else 0)
+        replicas = replicate(root, devices)
         shards = [
-            root._apply_batch_transfer_handler(s, d, dataloader_idx)
-            for s, d in zip(shards, devices, strict=True)
+            _transfer_shard(root, replica, s, d, dataloader_idx)
+            for replica, s, d in zip(replicas, shards, devices, strict=True)
         ]
 
-        replicas = replicate(root, devices)
         recorders = [LogRecorder() for _ in replicas]
         for replica, recorder in zip(replicas, recorders, strict=True):
             replica.__dict__["log"] = recorder
@@ -229,6 +229,25 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
             yield
         finally:
             del root.__dict__["forward"]
+
+
+def _transfer_shard(
+    root: LightningModule, replica: LightningModule, shard: Any, device: torch.device, dataloader_idx: int
+) -> Any:
+    """Lightning's ``_apply_batch_transfer_handler`` for one shard, run on the shard's device: with
+    ``device`` current, and the LightningModule's hooks called on the shard's replica, whose
+    ``self.device``, parameters and buffers are on ``device`` (on the root, ``x - self.mean`` would mix
+    devices). A datamodule's hooks are the datamodule's, as in Lightning."""
+    trainer = root._trainer
+    selector = trainer._data_connector._datahook_selector if trainer is not None else None
+
+    def hook(name: str) -> Callable[..., Any]:
+        owner = selector.get_instance(name) if selector is not None else root
+        return getattr(replica if isinstance(owner, LightningModule) else owner, name)
+
+    with on_device(device):
+        shard = hook("transfer_batch_to_device")(shard, device, dataloader_idx)
+        return hook("on_after_batch_transfer")(shard, dataloader_idx)
 
 
 def _call_on_device(
