@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # (its 2.13.0+cpu still satisfies the pin torch==2.13.0: a pin without a local label ignores it).
 TORCH_INDEX ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
+
+# On a GPU machine: the CUDA tests, the GPU benchmark rows and peak memory, one Markdown report under
+# benchmarks/results/ (and $$OUT). Without a GPU it says so and fails.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache .mypy_cache .ruff_cache
