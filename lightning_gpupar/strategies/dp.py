@@ -5,8 +5,9 @@ The path of one step, top to bottom in :meth:`DataParallelStrategy._parallel_ste
 1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.batch`); the loop has already
    run ``on_before_batch_transfer`` once on the whole batch, which stays where the DataLoader put it, so
    ``on_train_batch_start`` / ``on_train_batch_end`` see it there, unsplit;
-2. move shard i to device i through ``transfer_batch_to_device`` and ``on_after_batch_transfer``;
-3. replicate the module onto those devices (:mod:`lightning_gpupar.replicate`);
+2. replicate the module onto those devices (:mod:`lightning_gpupar.replicate`);
+3. move shard i to device i through ``transfer_batch_to_device`` and ``on_after_batch_transfer``, called
+   on replica i with device i current (the hooks see that device's ``self.device`` and buffers);
 4. run the replica's own ``*_step`` on its shard in a thread (:mod:`lightning_gpupar.parallel_apply`),
    with its ``self.log`` recorded instead of logged;
 5. merge the replicas' metric states and logged values into the root, once, on this thread
@@ -174,7 +175,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         return module
 
     def _parallel_step(self, step_name: str, batch: Any, *args: Any, **kwargs: Any) -> Any:
-        """Split -> transfer -> replicate -> per-replica step -> merge logs and metrics -> gather."""
+        """Split -> replicate -> transfer on each replica -> per-replica step -> merge results -> gather."""
         root = self._module
         if len(self.devices) == 1:
             return getattr(root, step_name)(batch, *args, **kwargs)
