@@ -32,7 +32,8 @@ def test_each_jobs_children_get_the_order_rank_0_started_with(
     monkeypatch: pytest.MonkeyPatch, user_order: str | None
 ) -> None:
     for key in (*DDP_ENV_KEYS, "CUDA_DEVICE_ORDER"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # so that monkeypatch restores it, whatever the launcher sets
+        monkeypatch.delenv(key)
     if user_order is not None:
         monkeypatch.setenv("CUDA_DEVICE_ORDER", user_order)
     monkeypatch.setenv("MASTER_PORT", "29431")
@@ -54,3 +55,4 @@ def test_each_jobs_children_get_the_order_rank_0_started_with(
         monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # Lightning's CUDAAccelerator.setup in rank 0
     orders: list[Any] = [child.env.get("CUDA_DEVICE_ORDER") for child in children]
     assert orders == [user_order] * 3
+    launchers._retire_previous_job()
