@@ -19,6 +19,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
@@ -184,6 +186,31 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
     def determine_ddp_device_ids(self) -> list[int] | None:
         """torch's DDP needs ``device_ids=None`` for a module spread over several devices."""
         return None
+
+    # Lightning binds the process group to ``root_device`` (``init_process_group(device_id=...)``). A bound
+    # NCCL group refuses collectives on the process's other devices, and DDP's parameter check,
+    # ``_sync_module_states`` and buffer broadcasts touch all of them: the group is created unbound, and
+    # ``barrier`` names its device (Lightning passes ``determine_ddp_device_ids()``, None here).
+
+    @override
+    def setup_distributed(self) -> None:
+        """Lightning's, without binding the process group to one device of the group."""
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """Under NCCL, a barrier on this process's output device (named: the group is unbound, and NCCL
+        would otherwise guess a device from the rank)."""
+        if not _distributed_is_initialized():
+            super().barrier(*args, **kwargs)
+        elif torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
 
     def _check_group_positions(self, k: int) -> None:
         """Positions are relative to a process's group: one >= k would cross into another process."""

@@ -12,11 +12,13 @@ Trainer's devices for ``model_split``, a process's own group for ``ddp_split``);
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -24,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementPlan
+from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementError, PlacementPlan
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy as _StrategyBase
@@ -80,9 +82,32 @@ class SplitStrategyMixin(_StrategyBase):
         """The output device: where batches arrive and outputs, loss and metrics live."""
         if self.applied is not None:
             return self.applied.plan.output_device
+        return self._output_device_before_placement()
+
+    def _output_device_before_placement(self) -> torch.device:
+        """Where the plan will put outputs, before it is applied, so that the first CUDA call
+        (``setup_environment``'s ``set_device``) is on that device rather than on the last one: asked of a
+        plan of the attached LightningModule (sizes only: no optimizer, no forward; nothing moves); while no
+        module exists or its layers are still to be built (``configure_model``), the declared
+        ``output_device`` position, else the last device."""
         devices = self.split_devices
-        output = self.split.output_device
-        return devices[output if output is not None and output < len(devices) else -1]
+        module = self.lightning_module
+        if module is not None:
+            try:
+                return self.split.plan(module, devices).output_device
+            except PlacementError:
+                pass  # e.g. layers that configure_model builds later
+        position = self.split.output_device
+        return devices[position if position is not None and position < len(devices) else -1]
+
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """``Trainer.init_module()`` and ``configure_model`` build the model on the CPU, not on
+        ``root_device``: the whole model on one GPU is the out-of-memory error splitting exists to avoid;
+        placement then moves each part to its device."""
+        with _EmptyInit(enabled=bool(empty_init)), self.precision_plugin.tensor_init_context():
+            yield
 
     @override
     def model_to_device(self) -> None:
