@@ -27,6 +27,9 @@ from lightning_gpupar.model_split.plan import (
     plan_placement,
 )
 
+#: What ``placement="auto"`` balances: parameter and buffer bytes, or measured forward + backward times.
+BALANCES = ("memory", "time")
+
 
 @dataclass
 class AppliedSplit:
@@ -63,6 +66,9 @@ class ModelSplit:
     max_memory: Mapping[Any, int | str] | None = None
     no_split: Sequence[str] = ()
     checkpoint: Recompute = None
+    deferred_batch_norm: bool = True
+    balance: str = "memory"
+    trace: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
@@ -70,6 +76,11 @@ class ModelSplit:
         if not (self.placement is None or isinstance(self.placement, str | Mapping)):
             raise PlacementError(
                 f"placement={self.placement!r}: write 'auto' or a map of submodule paths to device positions."
+            )
+        if self.balance not in BALANCES:
+            raise PlacementError(
+                f"balance={self.balance!r}: write one of {', '.join(map(repr, BALANCES))} (what "
+                "placement='auto' balances over the devices: parameter bytes, or measured stage times)."
             )
         self.stages = list(self.stages) if self.stages is not None else None
         self.no_split = list(self.no_split or ())
@@ -142,7 +153,9 @@ class ModelSplit:
             module.__dict__["_device"] = plan.output_device
         if self.chunks > 1:
             stages = self.pipeline_stages(module)
-            applied.handles.append(install_pipeline(module, plan, stages, self.chunks, self.checkpoint))
+            applied.handles.append(
+                install_pipeline(module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm)
+            )
         return applied
 
     def check_batch_size(self, batch_size: int | None) -> None:
