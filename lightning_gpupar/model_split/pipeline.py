@@ -40,6 +40,7 @@ from lightning_gpupar.dp.gather import gather_outputs
 from lightning_gpupar.model_split.batchnorm import DeferredBatchNorms, batch_norms
 from lightning_gpupar.model_split.chain_check import check_stage_chain
 from lightning_gpupar.model_split.errors import PipelineError
+from lightning_gpupar.model_split.hooks import all_on
 from lightning_gpupar.model_split.paths import (
     common_ancestor,
     expand_paths,
@@ -174,6 +175,8 @@ class DeviceStreams:
         self, data: Any, ready: torch.cuda.Event | None, device: torch.device
     ) -> tuple[Any, torch.cuda.Event | None]:
         """Move ``data`` (valid once ``ready`` fired) to ``device``; returns it and the event of the copy."""
+        if all_on(data, device):
+            return data, ready
         sources = [d for d in _devices_of(data) if d != device]
         if not sources:
             return data, ready

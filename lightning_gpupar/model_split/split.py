@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from lightning_gpupar.model_split.balance import plan_by_time
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
 from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
@@ -108,6 +109,16 @@ class ModelSplit:
         stages = self.stages
         if stages is None and self.chunks > 1 and self.is_auto:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
+        if self.balance == "time" and self.is_auto:
+            chain = stages if stages is not None else infer_stages(module, self.no_split)
+            return plan_by_time(
+                module,
+                devices,
+                chain,
+                chunks=self.chunks,
+                output_device=self.output_device,
+                max_memory=self.max_memory,
+            )
         return plan_placement(
             module,
             devices,
