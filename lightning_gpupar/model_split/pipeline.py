@@ -50,6 +50,7 @@ from lightning_gpupar.model_split.paths import (
     uncovered,
 )
 from lightning_gpupar.model_split.plan import PlacementPlan
+from lightning_gpupar.model_split.trace import PipelineTrace
 
 #: What the user-facing ``checkpoint=`` option accepts: the stages that recompute their activations in
 #: backward instead of keeping them (torch's and torchgpipe's "activation checkpointing"; called *recompute*
@@ -88,6 +89,7 @@ class Pipeline:
         check_first_call: Callable[[Any, Any], None] | None = None,
         owner_name: str = "the stage owner",
         batch_norms: DeferredBatchNorms | None = None,
+        trace: PipelineTrace | None = None,
     ) -> None:
         if chunks < 1:
             raise PipelineError(f"chunks={chunks}: the number of micro-batches must be >= 1.")
@@ -98,6 +100,7 @@ class Pipeline:
         self.owner_name = owner_name
         self.streams = DeviceStreams()
         self.batch_norms = batch_norms  #: deferred BatchNorm layers: statistics committed once per call
+        self.trace = trace  #: records a few steps' schedule (``trace=PATH``)
         self.calls = 0  #: how many batches ran through the pipeline
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,10 +114,15 @@ class Pipeline:
         data: list[Any] = list(shards)
         ready: list[torch.cuda.Event | None] = [start] * len(shards)  # data[i] is valid once ready[i] fired
         norms = self.batch_norms.step() if self.batch_norms is not None else contextlib.nullcontext()
+        trace = self.trace if self.trace is not None and self.trace.begin_call() else None
         with norms:
             for tick in gpipe_schedule(len(shards), len(self.partitions)):
                 for i, j in tick:
-                    data[i], ready[i] = self._run(self.partitions[j], data[i], ready[i], first=j == 0)
+                    p = self.partitions[j]
+                    if trace is not None:
+                        data[i], ready[i] = trace.run(self._run, i, j, p.device, p, data[i], ready[i], j == 0)
+                    else:
+                        data[i], ready[i] = self._run(p, data[i], ready[i], first=j == 0)
         outputs = [streams.deliver(d, r, self.output_device) for d, r in zip(data, ready, strict=True)]
         streams.end()
         return gather_outputs(outputs, sizes, self.output_device)
@@ -269,6 +277,8 @@ class PipelineHandle:
     def remove(self) -> None:
         if self.pipeline.batch_norms is not None:
             self.pipeline.batch_norms.remove()
+        if self.pipeline.trace is not None:
+            self.pipeline.trace.finish()
         self.owner.__dict__.pop("forward", None)
         if self.previous is not None:
             self.owner.__dict__["forward"] = self.previous
@@ -286,11 +296,13 @@ def install_pipeline(
     chunks: int,
     recompute: Recompute = None,
     deferred_batch_norm: bool = True,
+    trace: str | None = None,
 ) -> PipelineHandle:
     """Check the stage sequence against the model and the plan, then pipeline the owner's forward.
 
     ``deferred_batch_norm``: with ``chunks > 1``, BatchNorm layers in the stages update their running
     statistics once per batch from all micro-batches (:mod:`~lightning_gpupar.model_split.batchnorm`).
+    ``trace``: a path; record a few steps' schedule there (:mod:`~lightning_gpupar.model_split.trace`).
     """
     paths = _stage_paths(root, stages)
     owner_path = stage_owner(paths)
@@ -326,7 +338,10 @@ def install_pipeline(
         original = previous or type(owner).forward.__get__(owner)
         stage_modules = [(p, root.get_submodule(p)) for p in paths]
         check = functools.partial(check_stage_chain, name, original, stage_modules)
-    pipeline = Pipeline(partitions, chunks, plan.output_device, check, owner_name=name, batch_norms=deferred)
+    tracer = PipelineTrace(trace) if trace else None
+    pipeline = Pipeline(
+        partitions, chunks, plan.output_device, check, owner_name=name, batch_norms=deferred, trace=tracer
+    )
     owner.__dict__["forward"] = pipeline
     return PipelineHandle(owner, previous, pipeline)
 

@@ -165,7 +165,9 @@ class ModelSplit:
         if self.chunks > 1:
             stages = self.pipeline_stages(module)
             applied.handles.append(
-                install_pipeline(module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm)
+                install_pipeline(
+                    module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, self.trace
+                )
             )
         return applied
 
