@@ -115,6 +115,7 @@ def main() -> None:
         f"ModelSplitStrategy, TransformerNet d_model={args.d_model} x4 layers, batch {args.batch}x{args.seq}",
         medians,
         ratios,
+        name="split",
     )
     for device in [cpu] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else []):
         first, second = stage_times(args, device)
