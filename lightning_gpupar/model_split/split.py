@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_gpupar.model_split.balance import plan_by_time
@@ -162,6 +162,12 @@ class ModelSplit:
         applied = AppliedSplit(plan, [apply_placement(module, plan)])
         if "_device" in module.__dict__:  # LightningModule: `self.device` is where outputs and the loss live
             module.__dict__["_device"] = plan.output_device
+        if self.trace and self.chunks == 1:
+            rank_zero_warn(
+                f"trace={self.trace!r} records the pipeline's schedule, but chunks=1 runs no pipeline: "
+                "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
+                category=UserWarning,
+            )
         if self.chunks > 1:
             stages = self.pipeline_stages(module)
             applied.handles.append(

@@ -90,3 +90,8 @@ def test_without_matplotlib_the_trace_is_written_and_the_message_says_how_to_get
 def test_tracing_is_off_by_default() -> None:
     applied = ModelSplit(PLACEMENT, chunks=2).apply(model(), CPU2, "t")
     assert applied.pipeline is not None and applied.pipeline.trace is None
+
+
+def test_a_trace_without_a_pipeline_warns(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"chunks=1 runs no pipeline: nothing is traced"):
+        ModelSplit(PLACEMENT, chunks=1, trace=str(tmp_path / "t")).apply(model(), CPU2, "t")
