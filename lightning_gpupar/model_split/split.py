@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lightning_gpupar.model_split.balance import plan_by_time
@@ -168,11 +168,12 @@ class ModelSplit:
                 "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
                 category=UserWarning,
             )
+        trace = self.trace if rank_zero_only.rank == 0 else None  # ddp_split: one process writes the trace
         if self.chunks > 1:
             stages = self.pipeline_stages(module)
             applied.handles.append(
                 install_pipeline(
-                    module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, self.trace
+                    module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
                 )
             )
         return applied

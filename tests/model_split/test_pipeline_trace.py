@@ -95,3 +95,11 @@ def test_tracing_is_off_by_default() -> None:
 def test_a_trace_without_a_pipeline_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"chunks=1 runs no pipeline: nothing is traced"):
         ModelSplit(PLACEMENT, chunks=1, trace=str(tmp_path / "t")).apply(model(), CPU2, "t")
+
+
+def test_only_the_first_process_traces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # as in a ddp_split process of rank 1
+    applied = ModelSplit(PLACEMENT, chunks=2, trace=str(tmp_path / "t")).apply(model(), CPU2, "t")
+    assert applied.pipeline is not None and applied.pipeline.trace is None
