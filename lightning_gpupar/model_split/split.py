@@ -168,7 +168,8 @@ class ModelSplit:
                 "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
                 category=UserWarning,
             )
-        trace = self.trace if rank_zero_only.rank == 0 else None  # ddp_split: one process writes the trace
+        first = getattr(rank_zero_only, "rank", 0) == 0  # ddp_split: one process writes the trace
+        trace = self.trace if first else None
         if self.chunks > 1:
             stages = self.pipeline_stages(module)
             applied.handles.append(
