@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -52,10 +52,10 @@ class TimedPlan(PlacementPlan):
             totals[position] += seconds
         return totals
 
-    def table(self) -> str:
+    def table(self, free_bytes: Callable[[torch.device], int | None] | None = None) -> str:
         used = sorted({position for _, position, _ in self.stage_times})
         k, m = len(used), self.chunks
-        lines = [super().table(), "", "balance=time: measured forward + backward per stage group"]
+        lines = [super().table(free_bytes), "", "balance=time: measured forward + backward per stage group"]
         for position in used:
             stages = [path for path, p, _ in self.stage_times if p == position]
             seconds = self.position_times()[position]
@@ -177,7 +177,8 @@ def plan_by_time(
     plan = plan_placement(root, devices, placement, default_device=max(groups), output_device=output_device)
     entries = tuple(replace(e, source="time") if e.source == "map" else e for e in plan.entries)
     timed = tuple(zip(paths, groups, times, strict=True))
-    return TimedPlan(plan.devices, entries, plan.output_position, timed, chunks)
+    base = {f.name: getattr(plan, f.name) for f in fields(plan)}
+    return TimedPlan(**{**base, "entries": entries}, stage_times=timed, chunks=chunks)
 
 
 def _stage_inputs(root: nn.Module, modules: Sequence[nn.Module], sample: Any) -> list[tuple[Any, Any]]:
