@@ -161,4 +161,3 @@ class TransformerClassifier(ClassifierModule):
         super().__init__(num_classes, lr)
         self.save_hyperparameters()
         self.model = TransformerNet(vocab_size, d_model, nhead, num_layers, num_classes, max_len)
-        self.example_input_array = torch.zeros(8, max_len, dtype=torch.long)  # strategy.balance=time

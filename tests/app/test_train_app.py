@@ -92,7 +92,7 @@ def test_digits_splits_are_seeded() -> None:
 
 
 @pytest.mark.slow
-def test_app_pipelines_the_transformer_balanced_by_time_and_traced(tmp_path: Path) -> None:
+def test_app_pipelines_the_transformer_traced(tmp_path: Path) -> None:
     result = run_app(
         tmp_path,
         "model=transformer",
@@ -105,11 +105,8 @@ def test_app_pipelines_the_transformer_balanced_by_time_and_traced(tmp_path: Pat
         "test=false",
         "strategy=model_split",
         "strategy.chunks=2",
-        "strategy.balance=time",
         f"strategy.trace={tmp_path / 'schedule'}",
     )
     output = result.stdout + result.stderr
-    assert "balance=time: measured forward + backward per stage group" in output
-    assert "expected bubble (K-1)/(M+K-1) with K=2, M=2: 33.3%" in output
-    assert "measured bubble fraction" in output
+    assert "measured bubble fraction" in output and "partition 1" in output
     assert (tmp_path / "schedule.json").is_file()
