@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from benchmarks.common import fit_step_times, machine
+from benchmarks.common import fit_step_times, machine, save_results
 from lightning_gpupar import DDPStrategy
 
 VARIANTS = ("ours", "lightning", "torch", "ddp_split")
@@ -150,6 +150,17 @@ def main() -> None:
     print(
         f"  ratio ddp_split (2x2 CPU devices) / ddp (2 processes) {median['ours'] / median['ddp_split']:.3f}"
     )
+    ratios = {  # steps/s against steps/s
+        "ours / Lightning ddp (target >= 0.97)": median["lightning"] / median["ours"],
+        "ours / torch DDP loop": median["torch"] / median["ours"],
+        "Lightning / torch DDP loop": median["torch"] / median["lightning"],
+        "ddp_split / ddp": median["ours"] / median["ddp_split"],
+    }
+    rows = [("ms/step", name, round(median[name] * 1e3, 3)) for name in VARIANTS]
+    title = f"DDP, {args.devices} CPU processes, batch {args.batch} per process (ratios of steps/s)"
+    for path in save_results("ddp", title, rows, ratios):
+        if path is not None:
+            print(f"  written: {path}")
     return None
 
 

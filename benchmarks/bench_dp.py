@@ -77,6 +77,7 @@ def main() -> None:
             "dp 1 device / single (target <= 1.03)": ("dp, 1 device", "lightning single device"),
             "dp 2 CPU replicas / 1 CPU device": ("dp, 2 CPU replicas", "lightning single device (CPU)"),
         },
+        name="dp",
     )
 
 

@@ -89,7 +89,10 @@ def main() -> None:
     }
     ratios = {
         "split/unsplit CPU (target <= 1.03)": ("split 2 stages, chunks=1 (CPU)", "unsplit (CPU)"),
-        "chunks=4/chunks=1 CPU": ("split 2 stages, chunks=4 (CPU)", "split 2 stages, chunks=1 (CPU)"),
+        "chunks=4/chunks=1 CPU (target <= 1.10)": (
+            "split 2 stages, chunks=4 (CPU)",
+            "split 2 stages, chunks=1 (CPU)",
+        ),
     }
     if torch.cuda.is_available():
         gpu = torch.device("cuda", 0)
@@ -115,6 +118,7 @@ def main() -> None:
         f"ModelSplitStrategy, TransformerNet d_model={args.d_model} x4 layers, batch {args.batch}x{args.seq}",
         medians,
         ratios,
+        name="split",
     )
     for device in [cpu] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else []):
         first, second = stage_times(args, device)

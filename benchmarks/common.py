@@ -6,11 +6,14 @@ median step time of each and their ratios, so a busy machine slows every variant
 
 from __future__ import annotations
 
+import csv
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -75,10 +78,82 @@ def machine() -> str:
     )
 
 
-def report(title: str, medians: dict[str, float], ratios: dict[str, tuple[str, str]]) -> None:
-    """Print the medians and the requested ratios (``name: (numerator, denominator)``)."""
+def report(
+    title: str, medians: dict[str, float], ratios: dict[str, tuple[str, str]], name: str | None = None
+) -> None:
+    """Print the medians and the requested ratios (``name: (numerator, denominator)``); with ``name``,
+    also write ``results/NAME.csv`` and its chart (:func:`save_results`)."""
     print(f"\n## {title}\nmachine: {machine()}")
-    for name, seconds in medians.items():
-        print(f"  {name:<40} {seconds * 1e3:9.2f} ms/step")
-    for name, (num, den) in ratios.items():
-        print(f"  ratio {name:<34} {medians[num] / medians[den]:9.3f}")
+    for variant, seconds in medians.items():
+        print(f"  {variant:<40} {seconds * 1e3:9.2f} ms/step")
+    values = {ratio: medians[num] / medians[den] for ratio, (num, den) in ratios.items()}
+    for ratio, value in values.items():
+        print(f"  ratio {ratio:<34} {value:9.3f}")
+    if name is not None:
+        rows = [("ms/step", variant, round(seconds * 1e3, 3)) for variant, seconds in medians.items()]
+        for path in save_results(name, title, rows, values):
+            if path is not None:
+                print(f"  written: {path}")
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def target_of(name: str) -> tuple[str, float] | None:
+    """The target a ratio's name states, e.g. ``"split/unsplit (target <= 1.03)"`` -> ``("<=", 1.03)``."""
+    found = re.search(r"target\s*(<=|>=)\s*([0-9.]+)", name)
+    return (found.group(1), float(found.group(2))) if found else None
+
+
+def save_results(
+    name: str, title: str, rows: list[tuple[str, str, float]], ratios: dict[str, float], chart: bool = True
+) -> tuple[Path, Path | None]:
+    """Write ``results/NAME.csv`` (machine line first, then ``kind,name,value`` rows) and a PNG chart of
+    the ratios with their targets drawn; returns both paths (``None`` for the chart without matplotlib)."""
+    RESULTS.mkdir(exist_ok=True)
+    csv_path = RESULTS / f"{name}.csv"
+    with csv_path.open("w", newline="") as handle:
+        handle.write(f"# {title}\n# machine: {machine()}\n")
+        writer = csv.writer(handle)
+        writer.writerow(["kind", "name", "value"])
+        writer.writerows(rows)
+        writer.writerows(("ratio", ratio, f"{value:.4f}") for ratio, value in ratios.items())
+    return csv_path, _chart(RESULTS / f"{name}.png", title, ratios) if chart else None
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or ``None`` (with a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no chart: matplotlib is missing (pip install 'lightning-gpupar[plot]')")
+        return None
+    return plt
+
+
+def _chart(path: Path, title: str, ratios: dict[str, float]) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    names = list(ratios)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5), dpi=80)
+    rows = range(len(names))
+    ax.barh(rows, [ratios[n] for n in names], color="#4c72b0")
+    for row, ratio_name in zip(rows, names, strict=True):
+        ax.text(ratios[ratio_name], row, f" {ratios[ratio_name]:.3f}", va="center", fontsize=8)
+        target = target_of(ratio_name)
+        if target is not None:
+            ax.plot([target[1]] * 2, [row - 0.45, row + 0.45], color="red", linewidth=2)
+    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_yticks(list(rows))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio against its baseline (red: the target)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -80,6 +80,9 @@ class ModelSplitFields:
     max_memory: Any = None
     no_split: Any = None
     checkpoint: Any = None
+    deferred_batch_norm: bool = True
+    balance: str = "memory"
+    trace: Any = None
 
 
 @dataclass

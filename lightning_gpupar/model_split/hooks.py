@@ -75,15 +75,32 @@ def _move_free_modules(root: nn.Module, placed: set[str], device: torch.device) 
         visit(name, child)
 
 
-def _inputs_to(device: torch.device) -> Callable[..., tuple[Any, dict[str, Any]]]:
-    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _inputs_to(device: torch.device) -> Callable[..., tuple[Any, dict[str, Any]] | None]:
+    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        if all_on(args, device) and all_on(kwargs, device):
+            return None  # already there (every call when the devices coincide): nothing to rebuild
         return move_data_to_device(args, device), move_data_to_device(kwargs, device)
 
     return hook
 
 
+def all_on(data: Any, device: torch.device) -> bool:
+    """Whether every tensor in ``data`` is on ``device``; a quick look, ``False`` when unsure.
+
+    Plain tensors, tuples, lists and dicts are looked into; any other collection (a dataclass, a named
+    tuple of a custom type...) answers ``False``, so the caller moves it the thorough way.
+    """
+    if isinstance(data, torch.Tensor):
+        return data.device == device
+    if type(data) in (tuple, list):
+        return all(all_on(item, device) for item in data)
+    if type(data) is dict:
+        return all(all_on(item, device) for item in data.values())
+    return isinstance(data, int | float | str | bool | type(None))
+
+
 def _outputs_to(device: torch.device) -> Callable[[nn.Module, Any, Any], Any]:
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        return move_data_to_device(output, device)
+        return None if all_on(output, device) else move_data_to_device(output, device)
 
     return hook

@@ -14,10 +14,10 @@ on the full output, so autograd's backward equals the unsplit model's. On CUDA e
 its own stream and copies activations on another, ordered by events (:class:`DeviceStreams`), so
 partitions on different GPUs overlap; on the CPU the same schedule runs in order.
 
-Caveats: BatchNorm normalises each micro-batch separately and updates its running statistics once per
-micro-batch, so a model with BatchNorm in training mode is not equivalent to the unsplit model for
-``chunks > 1`` (use GroupNorm / LayerNorm, or ``chunks=1``). Every tensor the owner receives must share
-its batch dimension.
+Caveats: BatchNorm normalises each micro-batch on its own statistics. Its running statistics are
+deferred by default (:mod:`~lightning_gpupar.model_split.batchnorm`: updated once per step from all
+micro-batches, as the unsplit model updates them); with ``deferred_batch_norm=False`` they update once per
+micro-batch. Every tensor the owner receives must share its batch dimension.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from lightning_gpupar.dp.batch import split_batch
 from lightning_gpupar.dp.gather import gather_outputs
+from lightning_gpupar.model_split.batchnorm import DeferredBatchNorms, batch_norms
 from lightning_gpupar.model_split.chain_check import check_stage_chain
 from lightning_gpupar.model_split.errors import PipelineError
+from lightning_gpupar.model_split.hooks import all_on
 from lightning_gpupar.model_split.paths import (
     common_ancestor,
     expand_paths,
@@ -48,6 +50,7 @@ from lightning_gpupar.model_split.paths import (
     uncovered,
 )
 from lightning_gpupar.model_split.plan import PlacementPlan
+from lightning_gpupar.model_split.trace import PipelineTrace
 
 #: What the user-facing ``checkpoint=`` option accepts: the stages that recompute their activations in
 #: backward instead of keeping them (torch's and torchgpipe's "activation checkpointing"; called *recompute*
@@ -85,6 +88,8 @@ class Pipeline:
         output_device: torch.device,
         check_first_call: Callable[[Any, Any], None] | None = None,
         owner_name: str = "the stage owner",
+        batch_norms: DeferredBatchNorms | None = None,
+        trace: PipelineTrace | None = None,
     ) -> None:
         if chunks < 1:
             raise PipelineError(f"chunks={chunks}: the number of micro-batches must be >= 1.")
@@ -94,6 +99,8 @@ class Pipeline:
         self.check_first_call = check_first_call
         self.owner_name = owner_name
         self.streams = DeviceStreams()
+        self.batch_norms = batch_norms  #: deferred BatchNorm layers: statistics committed once per call
+        self.trace = trace  #: records a few steps' schedule (``trace=PATH``)
         self.calls = 0  #: how many batches ran through the pipeline
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -106,9 +113,16 @@ class Pipeline:
         start = streams.begin([p.device for p in self.partitions], _devices_of(shards[0]))
         data: list[Any] = list(shards)
         ready: list[torch.cuda.Event | None] = [start] * len(shards)  # data[i] is valid once ready[i] fired
-        for tick in gpipe_schedule(len(shards), len(self.partitions)):
-            for i, j in tick:
-                data[i], ready[i] = self._run(self.partitions[j], data[i], ready[i], first=j == 0)
+        norms = self.batch_norms.step() if self.batch_norms is not None else contextlib.nullcontext()
+        trace = self.trace if self.trace is not None and self.trace.begin_call() else None
+        with norms:
+            for tick in gpipe_schedule(len(shards), len(self.partitions)):
+                for i, j in tick:
+                    p = self.partitions[j]
+                    if trace is not None:
+                        data[i], ready[i] = trace.run(self._run, i, j, p.device, p, data[i], ready[i], j == 0)
+                    else:
+                        data[i], ready[i] = self._run(p, data[i], ready[i], first=j == 0)
         outputs = [streams.deliver(d, r, self.output_device) for d, r in zip(data, ready, strict=True)]
         streams.end()
         return gather_outputs(outputs, sizes, self.output_device)
@@ -169,6 +183,8 @@ class DeviceStreams:
         self, data: Any, ready: torch.cuda.Event | None, device: torch.device
     ) -> tuple[Any, torch.cuda.Event | None]:
         """Move ``data`` (valid once ``ready`` fired) to ``device``; returns it and the event of the copy."""
+        if all_on(data, device):
+            return data, ready
         sources = [d for d in _devices_of(data) if d != device]
         if not sources:
             return data, ready
@@ -259,6 +275,10 @@ class PipelineHandle:
         self.owner, self.previous, self.pipeline = owner, previous, pipeline
 
     def remove(self) -> None:
+        if self.pipeline.batch_norms is not None:
+            self.pipeline.batch_norms.remove()
+        if self.pipeline.trace is not None:
+            self.pipeline.trace.finish()
         self.owner.__dict__.pop("forward", None)
         if self.previous is not None:
             self.owner.__dict__["forward"] = self.previous
@@ -275,8 +295,15 @@ def install_pipeline(
     stages: Sequence[str],
     chunks: int,
     recompute: Recompute = None,
+    deferred_batch_norm: bool = True,
+    trace: str | None = None,
 ) -> PipelineHandle:
-    """Check the stage sequence against the model and the plan, then pipeline the owner's forward."""
+    """Check the stage sequence against the model and the plan, then pipeline the owner's forward.
+
+    ``deferred_batch_norm``: with ``chunks > 1``, BatchNorm layers in the stages update their running
+    statistics once per batch from all micro-batches (:mod:`~lightning_gpupar.model_split.batchnorm`).
+    ``trace``: a path; record a few steps' schedule there (:mod:`~lightning_gpupar.model_split.trace`).
+    """
     paths = _stage_paths(root, stages)
     owner_path = stage_owner(paths)
     owner = root.get_submodule(owner_path)
@@ -295,12 +322,14 @@ def install_pipeline(
             )
         else:
             partitions.append(Partition(position, plan.devices[position], (stage,), (path in recomputed,)))
-    norms = (m for p in paths for m in root.get_submodule(p).modules())
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in norms):
+    norms = batch_norms(root.get_submodule(p) for p in paths)
+    tracked = [n for n in norms if n.track_running_stats]  # the others have no statistics to defer
+    deferred = DeferredBatchNorms(tracked) if tracked and chunks > 1 and deferred_batch_norm else None
+    if norms and chunks > 1 and not deferred_batch_norm:
         warnings.warn(
             f"chunks={chunks} with BatchNorm in the pipelined stages: each micro-batch is normalised on its "
             "own statistics and running statistics update once per micro-batch, so training differs from "
-            "the unsplit model. Prefer GroupNorm/LayerNorm, or chunks=1.",
+            "the unsplit model. Leave deferred_batch_norm on, prefer GroupNorm/LayerNorm, or use chunks=1.",
             stacklevel=2,
         )
     name = _owner_name(owner_path, owner)
@@ -309,7 +338,10 @@ def install_pipeline(
         original = previous or type(owner).forward.__get__(owner)
         stage_modules = [(p, root.get_submodule(p)) for p in paths]
         check = functools.partial(check_stage_chain, name, original, stage_modules)
-    pipeline = Pipeline(partitions, chunks, plan.output_device, check, owner_name=name)
+    tracer = PipelineTrace(trace) if trace else None
+    pipeline = Pipeline(
+        partitions, chunks, plan.output_device, check, owner_name=name, batch_norms=deferred, trace=tracer
+    )
     owner.__dict__["forward"] = pipeline
     return PipelineHandle(owner, previous, pipeline)
 

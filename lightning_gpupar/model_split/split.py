@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
+from lightning_gpupar.model_split.balance import plan_by_time
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
 from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
@@ -26,6 +27,9 @@ from lightning_gpupar.model_split.plan import (
     infer_stages,
     plan_placement,
 )
+
+#: What ``placement="auto"`` balances: parameter and buffer bytes, or measured forward + backward times.
+BALANCES = ("memory", "time")
 
 
 @dataclass
@@ -63,6 +67,9 @@ class ModelSplit:
     max_memory: Mapping[Any, int | str] | None = None
     no_split: Sequence[str] = ()
     checkpoint: Recompute = None
+    deferred_batch_norm: bool = True
+    balance: str = "memory"
+    trace: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
@@ -70,6 +77,11 @@ class ModelSplit:
         if not (self.placement is None or isinstance(self.placement, str | Mapping)):
             raise PlacementError(
                 f"placement={self.placement!r}: write 'auto' or a map of submodule paths to device positions."
+            )
+        if self.balance not in BALANCES:
+            raise PlacementError(
+                f"balance={self.balance!r}: write one of {', '.join(map(repr, BALANCES))} (what "
+                "placement='auto' balances over the devices: parameter bytes, or measured stage times)."
             )
         self.stages = list(self.stages) if self.stages is not None else None
         self.no_split = list(self.no_split or ())
@@ -97,6 +109,16 @@ class ModelSplit:
         stages = self.stages
         if stages is None and self.chunks > 1 and self.is_auto:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
+        if self.balance == "time" and self.is_auto:
+            chain = stages if stages is not None else infer_stages(module, self.no_split)
+            return plan_by_time(
+                module,
+                devices,
+                chain,
+                chunks=self.chunks,
+                output_device=self.output_device,
+                max_memory=self.max_memory,
+            )
         return plan_placement(
             module,
             devices,
@@ -140,9 +162,21 @@ class ModelSplit:
         applied = AppliedSplit(plan, [apply_placement(module, plan)])
         if "_device" in module.__dict__:  # LightningModule: `self.device` is where outputs and the loss live
             module.__dict__["_device"] = plan.output_device
+        if self.trace and self.chunks == 1:
+            rank_zero_warn(
+                f"trace={self.trace!r} records the pipeline's schedule, but chunks=1 runs no pipeline: "
+                "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
+                category=UserWarning,
+            )
+        first = getattr(rank_zero_only, "rank", 0) == 0  # ddp_split: one process writes the trace
+        trace = self.trace if first else None
         if self.chunks > 1:
             stages = self.pipeline_stages(module)
-            applied.handles.append(install_pipeline(module, plan, stages, self.chunks, self.checkpoint))
+            applied.handles.append(
+                install_pipeline(
+                    module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
+                )
+            )
         return applied
 
     def check_batch_size(self, batch_size: int | None) -> None:

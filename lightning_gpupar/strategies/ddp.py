@@ -49,6 +49,9 @@ SPLIT_OPTIONS = (
     "max_memory",
     "no_split",
     "checkpoint",
+    "deferred_batch_norm",
+    "balance",
+    "trace",
 )
 
 

@@ -42,7 +42,8 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
 
     Args:
         devices_per_process: k >= 2 devices per process; the chosen device count must be a multiple of k.
-        placement, chunks, stages, default_device, output_device, max_memory, no_split, checkpoint:
+        placement, chunks, stages, default_device, output_device, max_memory, no_split, checkpoint,
+        deferred_batch_norm, balance, trace:
             how each process splits its copy, as in
             :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`; positions count within the
             process's own group (0..k-1).
@@ -64,6 +65,9 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         max_memory: Mapping[Any, int | str] | None = None,
         no_split: Sequence[str] | None = None,
         checkpoint: Recompute = None,
+        deferred_batch_norm: bool = True,
+        balance: str = "memory",
+        trace: str | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         if devices_per_process < 2:
@@ -72,7 +76,17 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
                 "over >= 2 devices. Use strategy=ddp (DDPStrategy) for one device per process."
             )
         self.split = ModelSplit(
-            placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
+            placement,
+            chunks,
+            stages,
+            default_device,
+            output_device,
+            max_memory,
+            no_split or (),
+            checkpoint,
+            deferred_batch_norm,
+            balance,
+            trace,
         )
         self._all_devices: list[torch.device] | None = None
         self._check_group_positions(devices_per_process)

@@ -48,6 +48,13 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
         max_memory: ``{position: "10GiB"}`` caps for ``"auto"``.
         no_split: class names ``"auto"`` must never split across devices.
         checkpoint: recompute activations in backward: ``"all"``, or a list of stage paths.
+        deferred_batch_norm: with ``chunks > 1``, BatchNorm running statistics update once per step from
+            all micro-batches, as in the unsplit model (default); ``False``: once per micro-batch.
+        balance: what ``"auto"`` balances: ``"memory"`` (parameter and buffer bytes, the default) or
+            ``"time"`` (each stage's measured forward + backward time on the LightningModule's
+            ``example_input_array``, under the ``max_memory`` caps).
+        trace: a path: record the pipeline's schedule for a few steps (Chrome trace, PNG timeline, bubble
+            and utilisation printed); ``None`` (default): off.
     """
 
     strategy_name = "model_split"
@@ -63,6 +70,9 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
         max_memory: Mapping[Any, int | str] | None = None,
         no_split: Sequence[str] | None = None,
         checkpoint: Recompute = None,
+        deferred_batch_norm: bool = True,
+        balance: str = "memory",
+        trace: str | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         checkpoint_io: Any = None,
@@ -75,7 +85,17 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
             precision_plugin=precision_plugin,
         )
         self.split = ModelSplit(
-            placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
+            placement,
+            chunks,
+            stages,
+            default_device,
+            output_device,
+            max_memory,
+            no_split or (),
+            checkpoint,
+            deferred_batch_norm,
+            balance,
+            trace,
         )
 
     @property

@@ -89,3 +89,24 @@ def test_digits_splits_are_seeded() -> None:
         dm.setup("fit")
     assert first.test_set.indices == second.test_set.indices  # type: ignore[union-attr]
     assert first.test_set.indices != other.test_set.indices  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_app_pipelines_the_transformer_traced(tmp_path: Path) -> None:
+    result = run_app(
+        tmp_path,
+        "model=transformer",
+        "model.num_layers=2",
+        "data.num_samples=256",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=5",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "test=false",
+        "strategy=model_split",
+        "strategy.chunks=2",
+        f"strategy.trace={tmp_path / 'schedule'}",
+    )
+    output = result.stdout + result.stderr
+    assert "measured bubble fraction" in output and "partition 1" in output
+    assert (tmp_path / "schedule.json").is_file()

@@ -39,7 +39,9 @@ def test_dp_equals_single_device(case: Case, replicas: int) -> None:
 
 def split(case: Case, placement: Any, chunks: int) -> None:
     sharded = chunks > 1 and "pipeline" in case.sharded_under
-    strategy = ModelSplitStrategy(placement=placement, chunks=chunks)
+    # The sharded reference updates BatchNorm's running statistics once per shard, as the pipeline does
+    # without deferral; deferred BatchNorm has its own tests (tests/model_split/test_deferred_batchnorm.py).
+    strategy = ModelSplitStrategy(placement=placement, chunks=chunks, deferred_batch_norm=False)
     trained = fit(case, strategy=strategy, devices=2)
     assert_same_training(trained, reference(case, shards=chunks if sharded else 1))
     assert {entry.position for entry in strategy.plan_for(trained).entries} == {0, 1}  # really split
@@ -87,3 +89,13 @@ def test_checkpoint_loads_strictly_into_the_bare_network(case: Case, strategy: s
     exported = bare(case)
     exported.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # strict
     assert_same_state(exported.state_dict(), want, rtol=0, atol=0)
+
+
+def test_deferred_batchnorm_keeps_the_sharded_loss_and_gradients_and_counts_steps() -> None:
+    """The default pipeline (deferred BatchNorm) on a ResNet block: normalisation per micro-batch, as the
+    sharded reference; running statistics updated once per step (2 steps), not once per micro-batch."""
+    case = next(c for c in CASES if c.name == "resnet_block")
+    trained = fit(case, strategy=ModelSplitStrategy(placement=dict(case.placement), chunks=2), devices=2)
+    assert_same_training(trained, reference(case, shards=2), state=False)
+    counts = {k: int(v) for k, v in trained.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {2}

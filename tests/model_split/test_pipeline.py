@@ -104,10 +104,11 @@ def test_sequential_stages_must_follow_its_order_and_stages_live_on_one_device()
         install_pipeline(model, spread, ["0", "1"], 2)
 
 
-def test_batchnorm_in_a_pipeline_warns() -> None:
+def test_batchnorm_in_a_pipeline_warns_when_not_deferred() -> None:
     model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4))
+    plan = plan_placement(model, CPU2, {"0": 0, "1": 1})
     with pytest.warns(UserWarning, match="BatchNorm"):
-        install_pipeline(model, plan_placement(model, CPU2, {"0": 0, "1": 1}), ["0", "1"], 2)
+        install_pipeline(model, plan, ["0", "1"], 2, deferred_batch_norm=False)
 
 
 class NotAChain(nn.Module):
@@ -189,8 +190,9 @@ def test_the_chain_check_leaves_batchnorm_running_statistics_alone() -> None:
     unchecked = nn.Sequential(*NormChain().children())  # the same stages, nothing to check
     x = torch.randn(8, 4, dtype=torch.float64)
     for model, placement in ((checked, {"embed": 0, "norm": 0, "head": 1}), (unchecked, {"0-1": 0, "2": 1})):
+        plan = plan_placement(model, CPU2, placement)
         with pytest.warns(UserWarning, match="BatchNorm"):
-            install_pipeline(model, plan_placement(model, CPU2, placement), list(placement), 2)
+            install_pipeline(model, plan, list(placement), 2, deferred_batch_norm=False)
         model(x).sum().backward()
     assert checked.norm.num_batches_tracked == unchecked[1].num_batches_tracked == 2  # one per micro-batch
     torch.testing.assert_close(checked.norm.running_mean, unchecked[1].running_mean, rtol=0, atol=0)

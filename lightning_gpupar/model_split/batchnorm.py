@@ -1,0 +1,157 @@
+"""Deferred BatchNorm: running statistics updated once per step from all of a pipeline's micro-batches.
+
+A pipeline calls each BatchNorm layer once per micro-batch. Left alone, the layer would update its
+running mean and variance ``chunks`` times a step, each time from one micro-batch (and count ``chunks``
+batches), so after training they differ from the unsplit model's. :class:`DeferredBatchNorms` (the idea of
+torchgpipe's ``deferred_batch_norm``) changes that for the layers of a pipeline's stages:
+
+- in training, each micro-batch is still *normalised* on its own statistics (the layer's forward runs with
+  its running statistics hidden, so it updates nothing): the batch statistics of the whole batch are not
+  known before the last micro-batch has run, and waiting for them would serialise the pipeline;
+- meanwhile the per-channel count, mean and sum of squared deviations of every micro-batch's input are
+  combined (Chan et al.'s parallel algorithm, exact in any order); at the end of the step
+  (:meth:`DeferredBatchNorms.step`) the running mean, the unbiased running variance and
+  ``num_batches_tracked`` are updated once, as the unsplit layer updates them from the whole batch. A
+  ``SyncBatchNorm`` in a distributed run first combines the statistics of all processes of its group;
+- in evaluation the layers use their running statistics as always; a recomputed stage (``checkpoint=``)
+  runs in backward, outside any step, and adds nothing twice.
+
+Nothing is registered on the modules: their class, buffers and checkpoint keys stay those of plain
+BatchNorm. Layers with ``track_running_stats=False`` have no running statistics and are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def batch_norms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
+    """The BatchNorm layers (``SyncBatchNorm`` included) in ``modules``' trees, once each."""
+    found: dict[int, _BatchNorm] = {}
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, _BatchNorm):
+                found.setdefault(id(layer), layer)
+    return list(found.values())
+
+
+@dataclass
+class _Moments:
+    """Per-channel statistics of the samples seen so far: their count, mean and sum of squared deviations."""
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def of(cls, x: Tensor) -> _Moments:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = torch.tensor(x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        mean = x.mean(dims)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return cls(count, mean, ((x - mean.view(shape)) ** 2).sum(dims))
+
+    def add(self, other: _Moments) -> _Moments:
+        """Chan et al.'s combination of two disjoint sets of samples."""
+        other = _Moments(
+            *(t.to(self.mean.device, self.mean.dtype) for t in (other.count, other.mean, other.m2))
+        )
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / count
+        m2 = self.m2 + other.m2 + delta**2 * self.count * other.count / count
+        return _Moments(count, mean, m2)
+
+
+class DeferredBatchNorms:
+    """Defer the running-statistics updates of ``layers`` to the end of each :meth:`step` (module doc)."""
+
+    def __init__(self, layers: Iterable[_BatchNorm]) -> None:
+        self.layers = [layer for layer in layers if layer.track_running_stats]
+        self.collecting = False
+        self._moments: dict[int, _Moments] = {}
+        for layer in self.layers:
+            layer.__dict__["forward"] = self._forward_of(layer)
+
+    def remove(self) -> None:
+        """Give every layer its own forward back."""
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        self.layers = []
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Collect the statistics of the micro-batches run inside the block; commit them once at its end."""
+        self.collecting, self._moments = True, {}
+        try:
+            yield
+        finally:
+            self.collecting = False
+        moments, self._moments = self._moments, {}
+        with torch.no_grad():
+            for layer in self.layers:
+                if id(layer) in moments:
+                    _commit(layer, _across_processes(layer, moments[id(layer)]))
+
+    def _forward_of(self, layer: _BatchNorm) -> nn.Module:
+        plain = type(layer).forward
+
+        def forward(input: Tensor) -> Tensor:
+            if not layer.training:
+                return plain(layer, input)
+            layer.track_running_stats = False  # batch statistics, nothing updated (torch's own forward)
+            try:
+                output = plain(layer, input)
+            finally:
+                layer.track_running_stats = True
+            if self.collecting:
+                with torch.no_grad():
+                    seen = _Moments.of(input.detach())
+                    earlier = self._moments.get(id(layer))
+                    self._moments[id(layer)] = seen if earlier is None else earlier.add(seen)
+            return output
+
+        return forward  # type: ignore[return-value]
+
+
+def _across_processes(layer: _BatchNorm, moments: _Moments) -> _Moments:
+    """A ``SyncBatchNorm``'s statistics combined over its process group (the others' unchanged)."""
+    if not (isinstance(layer, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+        return moments
+    group = layer.process_group or dist.group.WORLD
+    size = dist.get_world_size(group)
+    if size == 1:
+        return moments
+    local = torch.cat([moments.count.view(1), moments.mean, moments.m2])
+    gathered = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(gathered, local, group=group)
+    channels = moments.mean.numel()
+    total: _Moments | None = None
+    for row in gathered:
+        part = _Moments(row[0], row[1 : 1 + channels], row[1 + channels :])
+        total = part if total is None else total.add(part)
+    assert total is not None
+    return total
+
+
+def _commit(layer: _BatchNorm, moments: _Moments) -> None:
+    """One running-statistics update from ``moments``, exactly as the layer's forward on the whole batch."""
+    assert layer.running_mean is not None and layer.running_var is not None
+    assert layer.num_batches_tracked is not None
+    layer.num_batches_tracked.add_(1)
+    # momentum=None: a cumulative moving average, as torch's forward computes it
+    factor = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+    count = moments.count.clamp(min=2)  # torch's own update divides by n - 1 as well
+    unbiased = moments.m2 / (count - 1)
+    mean = moments.mean.to(layer.running_mean.dtype)
+    layer.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+    layer.running_var.mul_(1 - factor).add_(unbiased.to(layer.running_var.dtype), alpha=factor)
