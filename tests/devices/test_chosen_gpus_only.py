@@ -19,7 +19,7 @@ from torch import nn
 from lightning_gpupar import DataParallelStrategy, DDPStrategy, ModelSplitStrategy
 from lightning_gpupar.devices import resolve_devices
 from lightning_gpupar.strategies import ddp_split as ddp_module  # where the split overrides live
-from tests.devices.nvml_support import FakeNVML, cuda_contexts, fake_nvml, gpu
+from tests.helpers.nvml_support import FakeNVML, cuda_contexts, fake_nvml, gpu
 
 __all__ = ["cuda_contexts", "fake_nvml"]  # fixtures
 

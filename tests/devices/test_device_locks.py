@@ -16,11 +16,12 @@ from lightning_gpupar.cli import devices as cli
 from lightning_gpupar.device_locks import LOCK_DIR_ENV
 from lightning_gpupar.devices import DeviceSelectionError, resolve_devices
 from tests.conftest import ROOT
-from tests.devices.nvml_support import FAKE_NVML_DIR, FakeNVML, fake_nvml, gpu
+from tests.helpers.nvml_support import FAKE_NVML_DIR, FakeNVML, fake_nvml, gpu
+from tests.helpers.programs import PROGRAMS
 
 __all__ = ["fake_nvml"]  # fixture
 
-PROGRAM = Path(__file__).resolve().parent / "claim_gpu_program.py"
+PROGRAM = PROGRAMS / "claim_gpu_program.py"
 TIMEOUT_S = 60
 
 

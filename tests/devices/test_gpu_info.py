@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_gpupar.devices import query_inventory, resolve_devices
-from tests.devices.nvml_support import FakeNVML, GiB, cuda_contexts, fake_nvml, gpu
+from tests.helpers.nvml_support import FakeNVML, GiB, cuda_contexts, fake_nvml, gpu
 
 __all__ = ["cuda_contexts", "fake_nvml"]  # fixtures
 

@@ -7,17 +7,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import ROOT
 from tests.helpers.markers import requires_cuda
+from tests.helpers.programs import PROGRAMS
 
 pytestmark = [pytest.mark.cuda, requires_cuda, pytest.mark.slow]
 
-PROGRAM = Path(__file__).resolve().parent / "nvml_processes_program.py"
+PROGRAM = PROGRAMS / "nvml_processes_program.py"
 
 
 def _run(*args: str) -> dict[str, object]:

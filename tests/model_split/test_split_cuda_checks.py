@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +15,11 @@ from torch import nn
 from lightning_gpupar.model_split import PlacementError, plan_placement
 from tests.conftest import ROOT
 from tests.helpers.markers import requires_cuda
+from tests.helpers.programs import PROGRAMS
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
-PROGRAM = Path(__file__).resolve().parent / "pipeline_sanitized_program.py"
+PROGRAM = PROGRAMS / "pipeline_sanitized_program.py"
 STEPS = 30
 
 
