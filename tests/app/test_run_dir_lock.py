@@ -90,9 +90,9 @@ def test_the_ranks_of_one_ddp_run_share_its_directory(tmp_path: Path) -> None:
 
 
 def test_a_held_directory_names_its_holder(tmp_path: Path) -> None:
-    with RunDirLock(tmp_path):
-        with pytest.raises(RunDirError, match=rf"in use by another live run \(pid {os.getpid()} on "):
-            RunDirLock(tmp_path).acquire()
+    held = rf"in use by another live run \(pid {os.getpid()} on "
+    with RunDirLock(tmp_path), pytest.raises(RunDirError, match=held):
+        RunDirLock(tmp_path).acquire()
     with RunDirLock(tmp_path):  # released: free again
         pass
 
