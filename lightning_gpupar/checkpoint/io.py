@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,23 @@ def _globals_outside_the_allow_list(file: Path, err: BaseException) -> list[str]
     Only these mean "the file is fine but needs full unpickling": a corrupt, foreign or plain-pickle
     file also fails as "Weights only load failed", and must not be sent to unsafe unpickling.
     """
+    if not _is_torch_file(file):  # a plain pickle: unpickling it fully would not make it a checkpoint
+        return []
     try:
         listed = list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
     except Exception:  # not torch's zip format, or its pickle is broken: rely on torch's message
         listed = []
     return listed or _REFUSED_GLOBAL.findall(str(err))
+
+
+def _is_torch_file(file: Path) -> bool:
+    """Whether ``file`` is in one of ``torch.save``'s formats: a zip archive, or the legacy format, whose
+    first pickle is torch's magic number (a 10-byte ``LONG1``, near the start whatever the protocol)."""
+    if zipfile.is_zipfile(file):
+        return True
+    magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+    with file.open("rb") as f:
+        return magic in f.read(32)
 
 
 def _unsafe_message(file: Path, needed: list[str]) -> str:
@@ -203,6 +216,12 @@ def _unsafe_message(file: Path, needed: list[str]) -> str:
 def _file_error(file: Path, err: BaseException) -> CheckpointFileError:
     said = _UNPICKLER_SAID.search(str(err))
     reason = said.group(1).strip() if said else (str(err).splitlines() or [""])[0]
+    if file.stat().st_size and not _is_torch_file(file):  # torch's words would suggest allow-listing
+        return CheckpointFileError(
+            f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is in "
+            "neither of torch.save's formats (a zip archive, or the legacy format), e.g. a plain pickle or "
+            "another kind of file. Pass a file written by torch.save or a Lightning checkpoint."
+        )
     return CheckpointFileError(
         f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
         f"truncated, corrupted or another kind of file (a plain pickle is one). torch said: "
