@@ -33,6 +33,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
+from lightning_gpupar.ddp_checks import check_backend, check_launch_environment, check_timeout
 from lightning_gpupar.launchers import DDPLaunchError, HydraAwareScriptLauncher
 from lightning_gpupar.model_split import ModelSplit, SplitStrategyMixin
 from lightning_gpupar.pipeline import Checkpoint
@@ -86,8 +87,9 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
         checkpoint: Checkpoint = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(timeout, int | float):
-            timeout = timedelta(seconds=timeout)
+        timeout = check_timeout(timeout)
+        check_backend(process_group_backend)
+        check_launch_environment()
         if isinstance(devices_per_process, bool) or not isinstance(devices_per_process, int):
             raise DDPLaunchError(f"devices_per_process={devices_per_process!r}: write an int >= 1.")
         if devices_per_process < 1:
