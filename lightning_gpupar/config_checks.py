@@ -70,7 +70,7 @@ def check_trainer(trainer_cfg: DictConfig, kind: str) -> None:
     nodes = trainer_cfg.get("num_nodes", 1)
     if isinstance(nodes, int) and nodes > 1 and kind in ("single", "dp", "split"):
         raise ConfigValueError(
-            f"trainer.num_nodes={nodes} with strategy={kind}: {kind} runs in one process on one machine, so "
+            f"trainer.num_nodes={nodes}, but strategy={kind} runs in one process on one machine, so "
             "the other nodes would never be used. Use strategy=ddp (or ddp_split) for several nodes, or "
             "trainer.num_nodes=1."
         )
