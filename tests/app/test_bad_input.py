@@ -283,36 +283,94 @@ def test_app_input(
     assert phrase in message, message
 
 
-# -- Python API: (call, environment, exception type, phrase) ----------------------------------------------
+# -- Python API: (id, call, environment, exception type, phrase) ----------------------------------------
+
+DP, DDPS, SPLIT = DataParallelStrategy, DDPStrategy, ModelSplitStrategy
+
+
+def _wrong(value: object) -> Any:
+    """A value of the wrong type, passed on purpose."""
+    return value
+
 
 API_ROWS: list[Any] = [
-    (lambda: DataParallelStrategy(output_device="banana"), {}, ValueError, "output_device='banana'"),
-    (lambda: DataParallelStrategy(output_device=-1), {}, ValueError, "a CUDA index >= 0"),
-    (lambda: DataParallelStrategy(output_device=True), {}, ValueError, "output_device=True"),
-    (lambda: DDPStrategy(timeout=-1), {}, DDPConfigError, "timeout=-1"),
-    (lambda: DDPStrategy(timeout=timedelta(0)), {}, DDPConfigError, "must be a number > 0"),
-    (lambda: DDPStrategy(timeout="soon"), {}, DDPConfigError, "timeout='soon'"),  # type: ignore[arg-type]
-    (lambda: DDPStrategy(process_group_backend="banana"), {}, DDPConfigError, "Valid: gloo, nccl"),
-    (lambda: DDPStrategy(process_group_backend="cpu:gloo,cuda:bogus"), {}, DDPConfigError, "'bogus'"),
-    (lambda: DDPStrategy(), {"MASTER_PORT": "99999"}, DDPConfigError, "MASTER_PORT='99999'"),
-    (lambda: DDPStrategy(), {"WORLD_SIZE": "two"}, DDPConfigError, "WORLD_SIZE='two'"),
-    (lambda: DDPStrategy(devices_per_process=0), {}, DDPLaunchError, "each process needs >= 1 device"),
-    (lambda: DDPStrategy(chunks=4), {}, DDPLaunchError, "but devices_per_process=1"),
-    (lambda: ModelSplitStrategy(chunks=0), {}, PlacementError, "chunks=0"),
-    (lambda: ModelSplitStrategy(placement=42), {}, PlacementError, "placement=42"),  # type: ignore[arg-type]
-    (lambda: resolve_devices("banana"), {}, DeviceSelectionError, "is not a device request"),
-    (lambda: resolve_devices(2, "tpu"), {}, DeviceSelectionError, "Unknown accelerator 'tpu'"),
-    (lambda: resolve_devices("auto", "cpu", default_cpu_count=0), {}, DeviceSelectionError, "cpu_fallback=0"),
-    (lambda: resolve_devices("cpu", "cpu", min_free_memory="10XB"), {}, DeviceSelectionError, "'10XB'"),
-    (lambda: resolve_devices(1, "cpu", min_free_memory=-5), {}, DeviceSelectionError, "min_free_memory=-5"),
-    (lambda: resolve_devices(True), {}, DeviceSelectionError, "device_ids=True"),
-    (lambda: resolve_devices([0, "a"], "gpu"), {}, DeviceSelectionError, "every id must be an int"),  # type: ignore[list-item]
-    (lambda: resolve_devices("cpu", "gpu"), {}, DeviceSelectionError, "the two disagree"),
-    (lambda: resolve_devices(-3, "cpu"), {}, DeviceSelectionError, "a CPU device count must be >= 1"),
+    ("dp output_device=banana", lambda: DP(output_device="banana"), {}, ValueError, "output_device='banana'"),
+    ("dp output_device=-1", lambda: DP(output_device=-1), {}, ValueError, "a CUDA index >= 0"),
+    ("dp output_device=True", lambda: DP(output_device=True), {}, ValueError, "output_device=True"),
+    ("ddp timeout=-1", lambda: DDPS(timeout=-1), {}, DDPConfigError, "timeout=-1"),
+    ("ddp timeout=0s", lambda: DDPS(timeout=timedelta(0)), {}, DDPConfigError, "must be a number > 0"),
+    ("ddp timeout=soon", lambda: DDPS(timeout=_wrong("soon")), {}, DDPConfigError, "timeout='soon'"),
+    (
+        "ddp backend=banana",
+        lambda: DDPS(process_group_backend="banana"),
+        {},
+        DDPConfigError,
+        "Valid: gloo, nccl",
+    ),
+    (
+        "ddp backend=map",
+        lambda: DDPS(process_group_backend="cpu:gloo,cuda:bogus"),
+        {},
+        DDPConfigError,
+        "'bogus'",
+    ),
+    ("ddp MASTER_PORT=99999", DDPS, {"MASTER_PORT": "99999"}, DDPConfigError, "MASTER_PORT='99999'"),
+    ("ddp WORLD_SIZE=two", DDPS, {"WORLD_SIZE": "two"}, DDPConfigError, "WORLD_SIZE='two'"),
+    ("ddp devices_per_process=0", lambda: DDPS(devices_per_process=0), {}, DDPLaunchError, ">= 1 device"),
+    ("ddp chunks=4", lambda: DDPS(chunks=4), {}, DDPLaunchError, "but devices_per_process=1"),
+    ("split chunks=0", lambda: SPLIT(chunks=0), {}, PlacementError, "chunks=0"),
+    ("split placement=42", lambda: SPLIT(placement=_wrong(42)), {}, PlacementError, "placement=42"),
+    (
+        "resolve banana",
+        lambda: resolve_devices("banana"),
+        {},
+        DeviceSelectionError,
+        "is not a device request",
+    ),
+    ("resolve tpu", lambda: resolve_devices(2, "tpu"), {}, DeviceSelectionError, "Unknown accelerator 'tpu'"),
+    (
+        "resolve default_cpu_count=0",
+        lambda: resolve_devices("auto", "cpu", default_cpu_count=0),
+        {},
+        DeviceSelectionError,
+        "cpu_fallback=0",
+    ),
+    (
+        "resolve min_free_memory=10XB on cpu",
+        lambda: resolve_devices("cpu", "cpu", min_free_memory="10XB"),
+        {},
+        DeviceSelectionError,
+        "'10XB'",
+    ),
+    (
+        "resolve min_free_memory=-5",
+        lambda: resolve_devices(1, "cpu", min_free_memory=-5),
+        {},
+        DeviceSelectionError,
+        "min_free_memory=-5",
+    ),
+    ("resolve True", lambda: resolve_devices(True), {}, DeviceSelectionError, "device_ids=True"),
+    (
+        "resolve [0,a]",
+        lambda: resolve_devices(_wrong([0, "a"]), "gpu"),
+        {},
+        DeviceSelectionError,
+        "must be an int",
+    ),
+    (
+        "resolve cpu on gpu",
+        lambda: resolve_devices("cpu", "gpu"),
+        {},
+        DeviceSelectionError,
+        "the two disagree",
+    ),
+    ("resolve -3 on cpu", lambda: resolve_devices(-3, "cpu"), {}, DeviceSelectionError, "must be >= 1"),
 ]
 
 
-@pytest.mark.parametrize(("call", "env", "error", "phrase"), API_ROWS)
+@pytest.mark.parametrize(
+    ("call", "env", "error", "phrase"), [r[1:] for r in API_ROWS], ids=[r[0] for r in API_ROWS]
+)
 def test_python_api_input(
     fake_gpus: Callable[..., list[GPUInfo]],
     clean_env: pytest.MonkeyPatch,
