@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 # (its 2.13.0+cpu still satisfies the pin torch==2.13.0: a pin without a local label ignores it).
 TORCH_INDEX ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: help demo test test-fast lint bench clean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,19 +24,22 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet -c constraints.txt -e '.[examples,test,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP)  ## set up .venv, train the example app (dp on the digits)
 	$(PY) examples/train.py
 
-test: $(STAMP)
+test: $(STAMP)  ## set up .venv, run the whole test suite
 	$(PY) -m pytest
 
-lint: $(STAMP)
+test-fast: $(STAMP)  ## the edit loop: no subprocess or end-to-end tests
+	$(PY) -m pytest -m 'not slow' -q
+
+lint: $(STAMP)  ## ruff, ruff format --check, mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: $(STAMP)
+bench: $(STAMP)  ## run every benchmark script
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
-clean:
+clean:  ## remove .venv and run outputs
 	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache .mypy_cache .ruff_cache

@@ -8,20 +8,24 @@ from lightning_gpupar.checkpoint import NormalizeCheckpointKeys
 from lightning_gpupar.devices import DeviceSelection, DeviceSelectionError, resolve_devices
 from lightning_gpupar.strategies import (
     DataParallelStrategy,
+    DDPSplitStrategy,
     DDPStrategy,
     ModelSplitStrategy,
+    SingleStrategy,
     register_strategies,
 )
 
 register_strategies()
 
 __all__ = [
+    "DDPSplitStrategy",
     "DDPStrategy",
     "DataParallelStrategy",
     "DeviceSelection",
     "DeviceSelectionError",
     "ModelSplitStrategy",
     "NormalizeCheckpointKeys",
+    "SingleStrategy",
     "resolve_devices",
 ]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_gpupar.config_checks import check_config
 from lightning_gpupar.devices import DeviceSelection, resolve_devices
+from lightning_gpupar.strategies.ddp import DEFAULT_TIMEOUT_S
 
 #: Keys of a strategy config that choose devices; the rest are the strategy's constructor arguments.
 DEVICE_KEYS = ("device_ids", "min_free_memory", "cpu_fallback")
@@ -43,7 +44,7 @@ class StrategyConfig:
 class SingleStrategyConfig(StrategyConfig):
     """One device, the best GPU or the CPU: see :mod:`lightning_gpupar.strategies.single`."""
 
-    _target_: Any = "lightning_gpupar.strategies.single.SingleDeviceStrategy"
+    _target_: Any = "lightning_gpupar.strategies.single.SingleStrategy"
     device_ids: Any = "auto:1"
 
 
@@ -60,12 +61,13 @@ class DDPStrategyConfig(StrategyConfig):
     static_graph: bool = False
     gradient_as_bucket_view: bool = False
     process_group_backend: str | None = None
-    timeout: float = 1800.0
+    timeout: float = DEFAULT_TIMEOUT_S
 
 
 @dataclass
 class ModelSplitFields:
-    """How one model copy is split (see :class:`lightning_gpupar.model_split.ModelSplit`).
+    """How one model copy is split: the fields of :class:`lightning_gpupar.model_split.ModelSplit`, which
+    ``tests/app/test_option_lists.py`` keeps in agreement with the strategies' arguments and the YAML files.
 
     ``placement`` stays untyped and null by default (null means ``auto``) so that Hydra parses dotted dict
     keys: ``strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}``.
@@ -82,20 +84,25 @@ class ModelSplitFields:
 
 
 @dataclass
-class SplitStrategyConfig(ModelSplitFields, StrategyConfig):
-    """One model split over devices: see :class:`lightning_gpupar.strategies.split.ModelSplitStrategy`."""
+class ModelSplitStrategyConfig(ModelSplitFields, StrategyConfig):
+    """One model split over devices: :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`."""
 
-    _target_: Any = "lightning_gpupar.strategies.split.ModelSplitStrategy"
+    _target_: Any = "lightning_gpupar.strategies.model_split.ModelSplitStrategy"
     cpu_fallback: int = 2
+
+
+#: The name before 0.2; kept for one release.
+SplitStrategyConfig = ModelSplitStrategyConfig
 
 
 @dataclass
 class DDPSplitStrategyConfig(ModelSplitFields, DDPStrategyConfig):
-    """DDP over device groups: each process owns ``devices_per_process`` devices holding one split copy.
-
-    Placement positions count within a process's group.
+    """DDP over device groups: each process owns ``devices_per_process`` devices holding one split copy
+    (:class:`lightning_gpupar.strategies.ddp_split.DDPSplitStrategy`). Placement positions count within a
+    process's group.
     """
 
+    _target_: Any = "lightning_gpupar.strategies.ddp_split.DDPSplitStrategy"
     devices_per_process: int = 2
     cpu_fallback: int = 4
 
@@ -141,7 +148,8 @@ def register_configs(store: ConfigStore | None = None) -> None:
     store.store(group="schema/strategy", name="dp", node=DPStrategyConfig)
     store.store(group="schema/strategy", name="ddp", node=DDPStrategyConfig)
     store.store(group="schema/strategy", name="ddp_split", node=DDPSplitStrategyConfig)
-    store.store(group="schema/strategy", name="split", node=SplitStrategyConfig)
+    store.store(group="schema/strategy", name="model_split", node=ModelSplitStrategyConfig)
+    store.store(group="schema/strategy", name="split", node=ModelSplitStrategyConfig)  # the name before 0.2
     store.store(group="schema/trainer", name="default", node=TrainerConfig)
 
 

@@ -32,15 +32,18 @@ def check_config(cfg: DictConfig, selection: DeviceSelection) -> None:
 def strategy_kind(strategy_cfg: DictConfig) -> str:
     """``single``, ``dp``, ``split``, ``ddp`` or ``ddp_split``: what the config's ``_target_`` builds."""
     from lightning_gpupar.strategies.ddp import DDPStrategy
+    from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy
     from lightning_gpupar.strategies.dp import DataParallelStrategy
-    from lightning_gpupar.strategies.split import ModelSplitStrategy
+    from lightning_gpupar.strategies.model_split import ModelSplitStrategy
 
     target = strategy_cfg.get("_target_")
     if target is None:
         return "single"
     cls = get_class(str(target))
+    if issubclass(cls, DDPSplitStrategy):
+        return "ddp_split"
     if issubclass(cls, DDPStrategy):
-        return "ddp_split" if int(strategy_cfg.get("devices_per_process", 1)) > 1 else "ddp"
+        return "ddp"
     if issubclass(cls, DataParallelStrategy):
         return "dp"
     if issubclass(cls, ModelSplitStrategy):

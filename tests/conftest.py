@@ -15,11 +15,9 @@ from omegaconf import DictConfig
 from examples.schema import register_app_configs
 from lightning_gpupar import devices
 from lightning_gpupar.devices import GPUInfo
+from tests.helpers.markers import GiB
 
 ROOT = Path(__file__).resolve().parents[1]
-GiB = 2**30
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture

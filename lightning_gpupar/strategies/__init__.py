@@ -1,14 +1,37 @@
-"""Our strategies, and their registration under Lightning's strategy names."""
+"""The Lightning-facing layer: one file per strategy, and their registration under Lightning's names.
+
+==================  =============================  ==========================================
+registry / Hydra    class                          file
+==================  =============================  ==========================================
+``single``          :class:`SingleStrategy`        ``single.py`` (Hydra only)
+``dp``              :class:`DataParallelStrategy`  ``dp.py``
+``model_split``     :class:`ModelSplitStrategy`    ``model_split.py``
+``ddp``             :class:`DDPStrategy`           ``ddp.py`` (Hydra; Lightning's "ddp" stays)
+``ddp_split``       :class:`DDPSplitStrategy`      ``ddp_split.py``
+==================  =============================  ==========================================
+
+Shared pieces: ``_single_process.py`` (the base of dp and model_split), ``split_mixin.py`` (model_split and
+ddp_split), ``launcher.py`` (ddp and ddp_split).
+"""
 
 from typing import Any, NamedTuple
 
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
 from lightning_gpupar.strategies.ddp import DDPStrategy
+from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy
 from lightning_gpupar.strategies.dp import DataParallelStrategy
-from lightning_gpupar.strategies.split import ModelSplitStrategy
+from lightning_gpupar.strategies.model_split import ModelSplitStrategy
+from lightning_gpupar.strategies.single import SingleStrategy
 
-__all__ = ["DDPStrategy", "DataParallelStrategy", "ModelSplitStrategy", "register_strategies"]
+__all__ = [
+    "DDPSplitStrategy",
+    "DDPStrategy",
+    "DataParallelStrategy",
+    "ModelSplitStrategy",
+    "SingleStrategy",
+    "register_strategies",
+]
 
 
 class Registration(NamedTuple):
@@ -28,7 +51,7 @@ STRATEGIES: dict[str, Registration] = {
         "One process, the model's submodules placed on the chosen devices, optionally pipelined.",
     ),
     "ddp_split": Registration(
-        DDPStrategy,
+        DDPSplitStrategy,
         "DDP where each process owns 2 devices holding one split copy of the model (placement 'auto').",
         {"devices_per_process": 2},
     ),

@@ -2,17 +2,17 @@
 
 The path of one step, top to bottom in :meth:`DataParallelStrategy._parallel_step`:
 
-1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.batch`); the loop has already
+1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.dp.batch`); the loop has already
    run ``on_before_batch_transfer`` once on the whole batch, which stays where the DataLoader put it, so
    ``on_train_batch_start`` / ``on_train_batch_end`` see it there, unsplit;
 2. move shard i to device i through ``transfer_batch_to_device`` and ``on_after_batch_transfer``;
-3. replicate the module onto those devices (:mod:`lightning_gpupar.replicate`);
-4. run the replica's own ``*_step`` on its shard in a thread (:mod:`lightning_gpupar.parallel_apply`),
+3. replicate the module onto those devices (:mod:`lightning_gpupar.dp.replicate`);
+4. run the replica's own ``*_step`` on its shard in a thread (:mod:`lightning_gpupar.dp.parallel_apply`),
    with its ``self.log`` recorded instead of logged;
 5. merge the replicas' metric states and logged values into the root, once, on this thread
-   (:mod:`lightning_gpupar.replica_results`);
+   (:mod:`lightning_gpupar.dp.replica_results`);
 6. gather the outputs on ``output_device``; the loss is the shard-size-weighted mean, equal to the
-   full-batch mean (:mod:`lightning_gpupar.gather`).
+   full-batch mean (:mod:`lightning_gpupar.dp.gather`).
 
 CPU and CUDA run the same path; only the tensor copies differ. With one device the step runs on the root
 module directly; a batch of fewer samples than devices uses fewer replicas (a one-sample batch: one
@@ -45,20 +45,21 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.plugins.precision import Precision
+from typing_extensions import override
 
-from lightning_gpupar.batch import split_batch
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
-from lightning_gpupar.gather import gather_outputs
-from lightning_gpupar.parallel_apply import run_parallel
-from lightning_gpupar.replica_results import (
+from lightning_gpupar.dp.batch import split_batch
+from lightning_gpupar.dp.gather import gather_outputs
+from lightning_gpupar.dp.parallel_apply import run_parallel
+from lightning_gpupar.dp.replica_results import (
     LogRecorder,
     logged_metric_ids,
     merge_metrics,
     metric_pairs,
     replay_logs,
 )
-from lightning_gpupar.replicate import replicate
-from lightning_gpupar.strategies.single_process import SingleProcessStrategy
+from lightning_gpupar.dp.replicate import replicate
+from lightning_gpupar.strategies._single_process import SingleProcessStrategy
 
 DeviceLike = torch.device | str | int
 
@@ -102,6 +103,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         return self.parallel_devices
 
     @property
+    @override
     def root_device(self) -> torch.device:
         """Where the module's parameters live: the first chosen device."""
         return self.devices[0]
@@ -122,6 +124,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         return device
 
     @property
+    @override
     def _layer_sync(self) -> LayerSync | None:
         return None
 
@@ -134,14 +137,17 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
                 "strategy='ddp' (one process per device) for synchronised BatchNorm, or drop sync_batchnorm."
             )
 
+    @override
     def setup_environment(self) -> None:
         _ = self.output_device  # validate before training starts
         super().setup_environment()
 
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
 
+    @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         """With several devices the batch stays where it is: each shard moves to its own device later."""
         if len(self.devices) == 1 or device is not None:
@@ -150,6 +156,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
 
     # -- steps ----------------------------------------------------------------------------------------
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.train_step_context():
             module = self._module
@@ -157,14 +164,17 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
                 return self._manual_optimization_step(*args, **kwargs)
             return self._parallel_step("training_step", *args, **kwargs)
 
+    @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.val_step_context():
             return self._parallel_step("validation_step", *args, **kwargs)
 
+    @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.test_step_context():
             return self._parallel_step("test_step", *args, **kwargs)
 
+    @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.predict_step_context():
             return self._parallel_step("predict_step", *args, **kwargs)

@@ -2,6 +2,8 @@
 
 Canonical keys on save, tolerant load, atomic files and ``weights_only`` loads
 (:class:`~lightning_gpupar.checkpoint.CanonicalCheckpointMixin`), as under every other strategy of ours.
+Named ``SingleStrategy`` after its config (``strategy=single``), so that it does not shadow Lightning's
+``SingleDeviceStrategy``; the old name stays an alias for one release.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy as LightningSingleDeviceStrategy
+from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 
 
-class SingleDeviceStrategy(CanonicalCheckpointMixin, LightningSingleDeviceStrategy):
+class SingleStrategy(CanonicalCheckpointMixin, LightningSingleDeviceStrategy):
     """One device, portable checkpoints.
 
     Args:
@@ -41,6 +44,7 @@ class SingleDeviceStrategy(CanonicalCheckpointMixin, LightningSingleDeviceStrate
         self._device_chosen = device is not None
 
     @property
+    @override
     def parallel_devices(self) -> list[torch.device]:
         """The device once chosen; empty until then, which asks the Trainer for its devices."""
         return [self._root_device] if self._device_chosen else []
@@ -55,3 +59,7 @@ class SingleDeviceStrategy(CanonicalCheckpointMixin, LightningSingleDeviceStrate
             )
         self._root_device = devices[0]
         self._device_chosen = True
+
+
+#: The name this class had before 0.2 (it shadowed Lightning's class); kept for configs that name it.
+SingleDeviceStrategy = SingleStrategy

@@ -33,8 +33,8 @@ from lightning_gpupar.config import build_trainer
 from lightning_gpupar.config_checks import ConfigValueError
 from lightning_gpupar.ddp_checks import DDPConfigError
 from lightning_gpupar.devices import AUTO_IDS_ENV, DeviceSelectionError, GPUInfo, resolve_devices
-from lightning_gpupar.launchers import DDPLaunchError
-from lightning_gpupar.placement import PlacementError
+from lightning_gpupar.model_split import PlacementError
+from lightning_gpupar.strategies.launcher import DDPLaunchError
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Variables a launcher sets; cleared for every row, so a row sees only its own.

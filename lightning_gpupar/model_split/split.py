@@ -1,0 +1,123 @@
+"""How one model copy is split over a group of devices: the part ``model_split`` and ``ddp_split`` share.
+
+:class:`ModelSplit` holds the user's choices (placement, micro-batches, stages...) and applies them to a
+module and a device list: plan (nothing allocated), print, check free memory, place, pipeline. The
+``model_split`` strategy applies it over all the Trainer's devices in one process; ``ddp_split`` applies
+it in every DDP process over that process's own group of devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from lightning_gpupar.model_split.errors import PlacementError
+from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
+from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
+from lightning_gpupar.model_split.plan import Placement, PlacementPlan, infer_stages, plan_placement
+
+
+@dataclass
+class AppliedSplit:
+    """A plan applied to a module; ``remove()`` takes its hooks and pipeline off again."""
+
+    plan: PlacementPlan
+    handles: list[PlacementHandle | PipelineHandle] = field(default_factory=list)
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """The pipeline installed for ``chunks > 1`` (``None`` for ``chunks=1``)."""
+        found = [h.pipeline for h in self.handles if isinstance(h, PipelineHandle)]
+        return found[0] if found else None
+
+    def remove(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+        self.handles = []
+
+
+@dataclass
+class ModelSplit:
+    """Placement map (or ``"auto"``), micro-batches and stage options for one model copy.
+
+    See :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy` for the meaning of each field;
+    positions index the device list the split is applied to.
+    """
+
+    placement: Placement = "auto"
+    chunks: int = 1
+    stages: Sequence[str] | None = None
+    default_device: int | None = None
+    output_device: int | None = None
+    max_memory: Mapping[Any, int | str] | None = None
+    no_split: Sequence[str] = ()
+    checkpoint: Recompute = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
+            raise PlacementError(f"chunks={self.chunks!r}: the number of micro-batches must be an int >= 1.")
+        if not (self.placement is None or isinstance(self.placement, str | Mapping)):
+            raise PlacementError(
+                f"placement={self.placement!r}: write 'auto' or a map of submodule paths to device positions."
+            )
+        self.stages = list(self.stages) if self.stages is not None else None
+        self.no_split = list(self.no_split or ())
+
+    @property
+    def is_auto(self) -> bool:
+        return self.placement is None or self.placement == "auto"
+
+    def positions_used(self) -> set[int]:
+        """The positions a placement map names (empty for ``"auto"``), plus the declared defaults."""
+        named = set() if self.is_auto else {int(v) for v in dict(self.placement).values()}  # type: ignore[arg-type]
+        return named | {p for p in (self.default_device, self.output_device) if p is not None}
+
+    def plan(self, module: nn.Module, devices: Sequence[torch.device]) -> PlacementPlan:
+        """Where each submodule of ``module`` goes on ``devices``; computed without allocating."""
+        stages = self.stages
+        if stages is None and self.chunks > 1 and self.is_auto:
+            stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
+        return plan_placement(
+            module,
+            devices,
+            self.placement,
+            stages=stages if self.is_auto else None,
+            default_device=self.default_device,
+            output_device=self.output_device,
+            max_memory=self.max_memory,
+            no_split=self.no_split,
+        )
+
+    def pipeline_stages(self, module: nn.Module) -> list[str]:
+        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""
+        if self.stages is not None:
+            return list(self.stages)
+        if isinstance(self.placement, Mapping):
+            return [str(key) for key in self.placement]
+        return infer_stages(module, self.no_split)
+
+    def apply(self, module: nn.Module, devices: Sequence[torch.device], title: str) -> AppliedSplit:
+        """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
+        plan = self.plan(module, devices)
+        rank_zero_info(f"{title} placement (chunks={self.chunks}):\n{plan.table()}")
+        plan.check_free_memory()
+        applied = AppliedSplit(plan, [apply_placement(module, plan)])
+        if "_device" in module.__dict__:  # LightningModule: `self.device` is where outputs and the loss live
+            module.__dict__["_device"] = plan.output_device
+        if self.chunks > 1:
+            stages = self.pipeline_stages(module)
+            applied.handles.append(install_pipeline(module, plan, stages, self.chunks, self.checkpoint))
+        return applied
+
+    def check_batch_size(self, batch_size: int | None) -> None:
+        """Fail before the first step when the batches are smaller than ``chunks``."""
+        if self.chunks > 1 and isinstance(batch_size, int) and batch_size < self.chunks:
+            raise PlacementError(
+                f"chunks={self.chunks} micro-batches, but the training batches hold {batch_size} samples "
+                f"(per process). Use chunks <= {batch_size} or a larger batch size."
+            )

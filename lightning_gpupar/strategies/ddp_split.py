@@ -1,0 +1,185 @@
+"""DDPSplitStrategy (``strategy="ddp_split"``): DDP where each process owns a group of devices holding one
+split copy of the model.
+
+The D chosen devices form D/k groups of k (``devices_per_process``); process r owns devices
+``r*k .. r*k+k-1`` and splits its copy over them as :class:`~lightning_gpupar.model_split.ModelSplit` says
+(placement positions count within the group, 0..k-1). DDP wraps the split module with
+``device_ids=None`` and all-reduces gradients across processes as usual.
+
+What differs from plain DDP, top to bottom: Lightning counts one device per process (the first of each
+group); the launching process plans rank 0's placement before any other process starts; each process's
+``model_to_device`` places its copy over its group (:class:`SplitStrategyMixin`); DDP is told no device ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from lightning_gpupar.model_split import ModelSplit, Placement, Recompute
+from lightning_gpupar.strategies.ddp import DDPStrategy
+from lightning_gpupar.strategies.launcher import DDPLaunchError
+from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin
+
+
+class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
+    """DDP over device groups: each process holds one model copy split over ``devices_per_process`` devices.
+
+    Args:
+        devices_per_process: k >= 2 devices per process; the chosen device count must be a multiple of k.
+        placement, chunks, stages, default_device, output_device, max_memory, no_split, checkpoint:
+            how each process splits its copy, as in
+            :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`; positions count within the
+            process's own group (0..k-1).
+        **ddp_kwargs: DDP's options (``find_unused_parameters``, ``timeout``, ``process_group_backend``...),
+            as in :class:`~lightning_gpupar.strategies.ddp.DDPStrategy`.
+    """
+
+    strategy_name = "ddp_split"
+
+    def __init__(
+        self,
+        *,
+        devices_per_process: int = 2,
+        placement: Placement = "auto",
+        chunks: int = 1,
+        stages: Sequence[str] | None = None,
+        default_device: int | None = None,
+        output_device: int | None = None,
+        max_memory: Mapping[Any, int | str] | None = None,
+        no_split: Sequence[str] | None = None,
+        checkpoint: Recompute = None,
+        **ddp_kwargs: Any,
+    ) -> None:
+        if devices_per_process < 2:
+            raise DDPLaunchError(
+                f"DDPSplitStrategy(devices_per_process={devices_per_process}): each process splits its model "
+                "over >= 2 devices. Use strategy=ddp (DDPStrategy) for one device per process."
+            )
+        self.split = ModelSplit(
+            placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
+        )
+        self._all_devices: list[torch.device] | None = None
+        self._check_group_positions(devices_per_process)
+        super().__init__(devices_per_process=devices_per_process, **ddp_kwargs)
+
+    # -- devices: Lightning counts processes, each process owns a group ---------------------------------
+
+    @property
+    @override
+    def parallel_devices(self) -> list[torch.device] | None:
+        """One device per process, as Lightning counts processes: the first device of each group."""
+        if self._all_devices is None:
+            return None
+        return self._all_devices[:: self.devices_per_process]
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        k = self.devices_per_process
+        if devices is not None and len(devices) % k:
+            raise DDPLaunchError(
+                f"devices_per_process={k}, but {len(devices)} device(s) were chosen "
+                f"({', '.join(map(str, devices))}): the device count must be a multiple of {k}. Choose "
+                f"{len(devices) - len(devices) % k or k} or {len(devices) + k - len(devices) % k} devices, "
+                "or change strategy.devices_per_process."
+            )
+        self._all_devices = None if devices is None else list(devices)
+
+    @property
+    @override
+    def node_devices(self) -> list[torch.device] | None:
+        return self._all_devices
+
+    @property
+    def device_group(self) -> list[torch.device]:
+        """The devices this process owns: ``r*k .. r*k+k-1`` of the chosen list, for local rank r."""
+        assert self._all_devices is not None, "the Trainer has not set the devices yet"
+        k = self.devices_per_process
+        return self._all_devices[self.local_rank * k : (self.local_rank + 1) * k]
+
+    @property
+    @override
+    def split_devices(self) -> list[torch.device]:
+        return self.device_group
+
+    @property
+    @override
+    def split_title(self) -> str:
+        return f"ddp_split rank {self.global_rank}"
+
+    @property
+    @override
+    def process_devices(self) -> list[torch.device]:
+        return self.device_group
+
+    # -- the path of a run ------------------------------------------------------------------------------
+
+    def check_before_launch(
+        self,
+        function: Callable[..., Any],
+        model: Any = None,
+        loaders: Any = None,
+        _val_loaders: Any = None,
+        datamodule: Any = None,
+        *_: Any,
+    ) -> None:
+        """In the launching process before any other starts: plan rank 0's placement (sizes only, nothing
+        moves), so a missing submodule or an unplaceable map fails now; when fitting, check ``chunks``
+        against the per-process batch size of the training loader or the datamodule.
+
+        The arguments are those the Trainer hands its launcher: ``_fit_impl(model, train_dataloaders,
+        val_dataloaders, datamodule, ckpt_path)``.
+        """
+        if not isinstance(model, torch.nn.Module) or self._all_devices is None:
+            return
+        self.split.plan(model, self._all_devices[: self.devices_per_process])
+        if getattr(function, "__name__", "") == "_fit_impl":
+            self.split.check_batch_size(_declared_batch_size(loaders, datamodule))
+
+    @override
+    def model_to_device(self) -> None:
+        """Split this process's copy over its group; warn about group positions the placement leaves empty."""
+        super().model_to_device()
+        assert self.applied is not None
+        used = {e.position for e in self.applied.plan.entries}
+        unused = sorted(set(range(self.devices_per_process)) - used)
+        if unused:
+            rank_zero_warn(
+                f"ddp_split: the placement leaves device position(s) {unused} of each process's group "
+                f"{[str(d) for d in self.device_group]} unused; they hold no part of the model."
+            )
+
+    @override
+    def determine_ddp_device_ids(self) -> list[int] | None:
+        """torch's DDP needs ``device_ids=None`` for a module spread over several devices."""
+        return None
+
+    def _check_group_positions(self, k: int) -> None:
+        """Positions are relative to a process's group: one >= k would cross into another process."""
+        crossing = sorted(p for p in self.split.positions_used() if not 0 <= p < k)
+        if crossing:
+            raise DDPLaunchError(
+                f"ddp_split with devices_per_process={k}: placement position(s) {crossing} lie outside a "
+                f"process's own group. Positions count within the group, 0..{k - 1}; a stage on another "
+                "process's device would cross process groups, which DDP cannot train."
+            )
+
+
+def _declared_batch_size(loaders: Any, datamodule: Any) -> int | None:
+    """The training batch size known without building a loader: the loader's ``batch_size``, or the
+    datamodule's ``batch_size`` attribute or hyperparameter (where Lightning's batch-size finder looks)."""
+    if isinstance(loaders, pl.LightningDataModule):  # fit(model, datamodule) passed positionally
+        loaders, datamodule = None, loaders
+    if loaders is not None:
+        return getattr(loaders, "batch_size", None)
+    if datamodule is None:
+        return None
+    if hasattr(datamodule, "batch_size"):
+        return getattr(datamodule, "batch_size", None)
+    hparams = getattr(datamodule, "hparams", {})
+    return hparams.get("batch_size") if isinstance(hparams, Mapping) else None

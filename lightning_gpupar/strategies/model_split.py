@@ -1,0 +1,103 @@
+"""ModelSplitStrategy: one process, one model, its submodules placed on several devices, optionally pipelined.
+
+The path a step takes:
+
+1. ``setup`` -> :meth:`ModelSplitStrategy.model_to_device`: the placement is planned from the module tree
+   (nothing allocated), printed as a table, checked against each GPU's free memory, then applied: every
+   placed submodule moves to its device and gets a hook that moves its inputs there.
+2. With ``chunks > 1`` the stage sequence's owner (e.g. ``model``) runs a GPipe schedule over
+   micro-batches (:mod:`lightning_gpupar.model_split.pipeline`); its outputs are concatenated.
+3. The batch arrives on ``root_device`` = the *output device* (by default the device of the last placed
+   submodule), where the model's output lands; so labels, the loss, metrics and ``self.device`` inside the
+   LightningModule all live on that one device. Backward crosses devices through autograd.
+4. Optimizer state stays with its parameters (Lightning would move it to ``root_device``).
+   Gradient clipping by norm uses ``torch.nn.utils.clip_grad_norm_``, which computes per-device norms and
+   combines them, so the total norm is that of the unsplit model.
+5. Checkpoints hold the plain ``LightningModule.state_dict()`` keys: a split checkpoint loads into the
+   unsplit model and under any other placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from typing_extensions import override
+
+from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
+from lightning_gpupar.model_split import ModelSplit, Placement, PlacementPlan, Recompute
+from lightning_gpupar.strategies._single_process import SingleProcessStrategy
+from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin
+
+
+class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SingleProcessStrategy):
+    """Train one model whose submodules live on different devices of the Trainer's device list.
+
+    Args:
+        placement: ``{"model.encoder": 0, "model.blocks.0-5": 1, ...}`` (submodule path or ModuleList
+            range -> position in the Trainer's devices), or ``"auto"`` (``None``): balance parameter and
+            buffer bytes over the devices, one stage at a time.
+        chunks: micro-batches per batch; ``> 1`` pipelines the stage sequence (GPipe).
+        stages: the ordered stage sequence for ``chunks > 1`` (ranges allowed). Default: the placement's
+            keys in the order written, or for ``"auto"`` the inferred chain (see ``infer_stages``).
+        default_device: position for parameters the placement map leaves out (default: an error).
+        output_device: position where the model's outputs (and batches) land (default: last submodule's).
+        max_memory: ``{position: "10GiB"}`` caps for ``"auto"``.
+        no_split: class names ``"auto"`` must never split across devices.
+        checkpoint: recompute activations in backward: ``"all"``, or a list of stage paths.
+    """
+
+    strategy_name = "model_split"
+
+    def __init__(
+        self,
+        placement: Placement = "auto",
+        chunks: int = 1,
+        *,
+        stages: Sequence[str] | None = None,
+        default_device: int | None = None,
+        output_device: int | None = None,
+        max_memory: Mapping[Any, int | str] | None = None,
+        no_split: Sequence[str] | None = None,
+        checkpoint: Recompute = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.split = ModelSplit(
+            placement, chunks, stages, default_device, output_device, max_memory, no_split or (), checkpoint
+        )
+
+    @property
+    def placement(self) -> Placement:
+        return self.split.placement
+
+    @property
+    def chunks(self) -> int:
+        return self.split.chunks
+
+    # ------------------------------------------------------------------------------------ devices
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The Trainer's devices: placement positions index this list."""
+        return list(self.parallel_devices or [torch.device("cpu")])
+
+    @property
+    @override
+    def split_devices(self) -> list[torch.device]:
+        return self.devices
+
+    def plan_for(self, module: torch.nn.Module) -> PlacementPlan:
+        """The plan this strategy would apply to ``module`` (a LightningModule; may live on meta)."""
+        return self.split.plan(module, self.devices)

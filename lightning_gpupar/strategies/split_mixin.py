@@ -1,0 +1,125 @@
+"""The Lightning side of a :class:`~lightning_gpupar.model_split.ModelSplit`, shared by ``model_split`` and
+``ddp_split``: the hooks through which a strategy places its model copy over a list of devices.
+
+A strategy using it says which devices the split spans (:attr:`SplitStrategyMixin.split_devices`: all the
+Trainer's devices for ``model_split``, a process's own group for ``ddp_split``); the mixin then
+
+- puts the batch on the split's output device (``root_device``), where outputs, loss and metrics live;
+- plans, prints, checks and applies the placement in ``model_to_device``, and takes it off in ``teardown``;
+- keeps optimizer state with its parameters (Lightning moves all of it to ``root_device``);
+- checks the training batches against ``chunks`` and warns when a step bypasses the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_gpupar.model_split import AppliedSplit, ModelSplit
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy as _StrategyBase
+else:
+    _StrategyBase = object
+
+
+def optimizer_state_to_parameter_devices(optimizer: Optimizer) -> None:
+    """Move each parameter's optimizer state (but ``step`` counters) to that parameter's device."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and key != "step":
+                state[key] = value.to(param.device)
+
+
+class SplitStrategyMixin(_StrategyBase):
+    """Place one model copy over :attr:`split_devices` as :attr:`split` says; see the module docstring."""
+
+    split: ModelSplit
+    applied: AppliedSplit | None = None
+    _pipeline_use_checked: bool = False
+
+    @property
+    def split_devices(self) -> list[torch.device]:
+        """The devices this process splits its model copy over; placement positions index this list."""
+        raise NotImplementedError
+
+    @property
+    def split_title(self) -> str:
+        """How the placement table printed at setup is headed."""
+        return type(self).__name__
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        """The output device: where batches arrive and outputs, loss and metrics live."""
+        if self.applied is not None:
+            return self.applied.plan.output_device
+        devices = self.split_devices
+        output = self.split.output_device
+        return devices[output if output is not None and output < len(devices) else -1]
+
+    @override
+    def model_to_device(self) -> None:
+        """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
+        assert self.model is not None
+        self._unplace()
+        self.applied = self.split.apply(self.model, self.split_devices, self.split_title)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            for optimizer in self.optimizers:  # undo Lightning's move of all state to root_device
+                optimizer_state_to_parameter_devices(optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """torch's ``Optimizer.load_state_dict`` already puts each state on its parameter's device."""
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            optimizer.load_state_dict(state)
+
+    @override
+    def on_train_start(self) -> None:
+        """Fail before the first step if the training batches are smaller than ``chunks``."""
+        super().on_train_start()
+        module = self.lightning_module
+        loader = module.trainer.train_dataloader if module is not None else None
+        self.split.check_batch_size(getattr(loader, "batch_size", None))
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The LightningModule's step; after the first one, warn if ``chunks > 1`` had no effect."""
+        if self._pipeline_use_checked:
+            return super().training_step(*args, **kwargs)
+        pipeline = self.applied.pipeline if self.applied is not None else None
+        calls = pipeline.calls if pipeline is not None else 0
+        output = super().training_step(*args, **kwargs)
+        if pipeline is not None:
+            self._pipeline_use_checked = True
+            if pipeline.calls == calls:
+                rank_zero_warn(
+                    f"chunks={self.split.chunks}, but the first training step never called the forward of "
+                    f"{pipeline.owner_name}, so no batch was split into micro-batches: the pipeline only "
+                    "replaces that forward, and a training_step that calls the stages itself runs them on "
+                    "the whole batch. Call the owner (e.g. self.model(x)) in training_step, or use chunks=1.",
+                    category=UserWarning,
+                )
+        return output
+
+    @override
+    def teardown(self) -> None:
+        self._unplace()
+        super().teardown()
+
+    def _unplace(self) -> None:
+        if self.applied is not None:
+            self.applied.remove()
+            self.applied = None
