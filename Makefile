@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # (its 2.13.0+cpu still satisfies the pin torch==2.13.0: a pin without a local label ignores it).
 TORCH_INDEX ?=
 
-.PHONY: help demo test test-fast lint bench clean
+.PHONY: help demo test test-fast lint bench gpu-check clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -40,6 +40,11 @@ lint: $(STAMP)  ## ruff, ruff format --check, mypy
 
 bench: $(STAMP)  ## run every benchmark script
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
+
+# The CUDA tests, the GPU benchmark rows and peak memory, one Markdown report under benchmarks/results/
+# (and $$OUT). Without a GPU it says so and fails.
+gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, GPU benchmarks, a report
+	$(PY) benchmarks/gpu_check.py
 
 clean:  ## remove .venv and run outputs
 	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,11 @@ from lightning.fabric.accelerators.cuda import num_cuda_devices
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.device_parser import _normalize_parse_gpu_string_input
 
+from lightning_gpupar import device_locks
+from lightning_gpupar.gpu_info import GPUInfo, GPUInventory, read_gpus
+
+__all__ = ["GPUInfo", "GPUInventory"]
+
 DeviceRequest = int | str | Sequence[int] | None
 AcceleratorName = Literal["auto", "cpu", "gpu", "cuda"]
 
@@ -48,18 +53,6 @@ LAUNCHER_PID_ENV = "LIGHTNING_GPUPAR_LAUNCHER_PID"
 
 class DeviceSelectionError(ValueError):
     """A device request that cannot be satisfied; the message says what exists and what to write."""
-
-
-@dataclass(frozen=True)
-class GPUInfo:
-    """One CUDA device as this process sees it."""
-
-    index: int
-    name: str
-    total_bytes: int
-    free_bytes: int
-    utilization_percent: int | None = None
-    processes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,36 +98,15 @@ def cuda_device_count() -> int:
 
 
 def query_gpus() -> list[GPUInfo]:
-    """Name, memory and (with nvidia-ml-py) utilisation and processes of every visible CUDA device.
-
-    ``torch.cuda.mem_get_info`` creates a CUDA context on each device it asks; call this only when the
-    answer is needed (``"auto"`` or ``gpupar-devices``).
-    """
-    infos = []
-    for index in range(cuda_device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        util, procs = _nvml_details(index)
-        name = torch.cuda.get_device_name(index)
-        infos.append(GPUInfo(index, name, total, free, util, procs))
-    return infos
+    """Name, memory, utilisation and processes of every visible CUDA device (see :func:`query_inventory`)."""
+    return list(query_inventory().gpus)
 
 
-def _nvml_details(index: int) -> tuple[int | None, tuple[str, ...] | None]:
-    """Utilisation and process list from NVML, matched by UUID (NVML counts in PCI order, CUDA may not)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-        util = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        procs = tuple(
-            f"pid {p.pid} ({format_bytes(p.usedGpuMemory or 0)})"
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        )
-        return util, procs
-    except Exception:  # nvidia-ml-py is optional and NVML may be absent: report what torch knows
-        return None, None
+def query_inventory() -> GPUInventory:
+    """The visible CUDA devices and where their numbers came from: NVML, which touches no GPU, or (without
+    nvidia-ml-py or a driver NVML can reach) ``torch.cuda.mem_get_info``, which creates a CUDA context on
+    every GPU it asks. Call it only when the answer is needed (``"auto"``, ``gpupar-devices``)."""
+    return read_gpus(cuda_device_count())
 
 
 def auto_select(gpus: Sequence[GPUInfo], min_free_bytes: int, count: int | None = None) -> list[int]:
@@ -181,14 +153,43 @@ def _auto_gpu_ids(request: str, count: int | None, min_free_bytes: int, availabl
             "on how many there are. Name the GPUs (strategy.device_ids=[0,1,2,3]) or give a count "
             "(strategy.device_ids=4), the same on every node."
         )
-    ids = auto_select(query_gpus(), min_free_bytes, count)
+    gpus = query_gpus()
+    ids = auto_select(gpus, min_free_bytes, count)
     if not ids:
         raise DeviceSelectionError(
             f"device_ids='auto' found no GPU with at least {format_bytes(min_free_bytes)} "
-            f"free: {_describe_gpus(query_gpus())}. Lower strategy.min_free_memory, name the ids, "
+            f"free: {_describe_gpus(gpus)}. Lower strategy.min_free_memory, name the ids, "
             "or use trainer.accelerator=cpu."
         )
-    return ids
+    return _claim(request, gpus, auto_select(gpus, min_free_bytes), count)
+
+
+def _claim(request: str, gpus: Sequence[GPUInfo], ranked: Sequence[int], count: int | None) -> list[int]:
+    """The first ``count`` (or all) of ``ranked`` whose lock this process can take (:mod:`device_locks`),
+    so that ``auto`` runs started together never pick the same GPU; this process's other locks go."""
+    by_index = {g.index: g for g in gpus}
+    chosen: list[int] = []
+    busy: list[str] = []
+    for index in ranked:
+        uuid = by_index[index].uuid
+        if uuid is not None and not device_locks.try_lock(uuid):
+            busy.append(f"cuda:{index} (held by {device_locks.holder(uuid) or 'another run'})")
+            continue
+        chosen.append(index)
+        if len(chosen) == count:
+            break
+    keep = {uuid for i in chosen if (uuid := by_index[i].uuid) is not None}
+    device_locks.release(device_locks.held_here() - keep)
+    if not chosen or (count is not None and len(chosen) < count):
+        device_locks.release(keep)
+        raise DeviceSelectionError(
+            f"device_ids={request!r}: {len(ranked)} GPU(s) have enough free memory, but "
+            f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} taken by other gpupar runs started with "
+            f"'auto', leaving {len(chosen)}{'' if count is None else f' of {count}'}. Wait for them, ask "
+            f"for fewer GPUs, or name the GPUs (locks are not checked for named GPUs; lock files in "
+            f"{device_locks.lock_dir()})."
+        )
+    return chosen
 
 
 def _launched_gpu_ids(request: str, launched: str, count: int | None, available: int) -> list[int]:

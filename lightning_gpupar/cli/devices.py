@@ -9,7 +9,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lightning_gpupar.devices import auto_select, format_bytes, parse_bytes, query_gpus
+from lightning_gpupar import device_locks
+from lightning_gpupar.devices import auto_select, format_bytes, parse_bytes, query_inventory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if visible is not None:
         console.print(f"CUDA_VISIBLE_DEVICES={visible!r}: ids below count from 0 within that list.")
 
-    gpus = query_gpus()
+    inventory = query_inventory()
+    gpus = inventory.gpus
     if not gpus:
         console.print(
             f"No CUDA device is visible to this process (torch {torch.__version__}, "
@@ -37,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     min_free: int = args.min_free_memory
-    picked = auto_select(gpus, min_free)
+    holders = {g.index: device_locks.holder(g.uuid) if g.uuid is not None else None for g in gpus}
+    picked = [i for i in auto_select(gpus, min_free) if holders[i] is None]  # as 'auto' would: free GPUs
     table = Table(title="CUDA devices")
-    for column in ("id", "name", "total", "free", "util", "processes", "auto"):
+    for column in ("id", "name", "total", "free", "util", "processes", "held by gpupar run", "auto"):
         table.add_column(column)
     for g in gpus:
         table.add_row(
@@ -49,15 +52,28 @@ def main(argv: list[str] | None = None) -> int:
             format_bytes(g.free_bytes),
             "-" if g.utilization_percent is None else f"{g.utilization_percent}%",
             "-" if g.processes is None else (", ".join(g.processes) or "none"),
+            holders[g.index] or "",
             f"#{picked.index(g.index) + 1}" if g.index in picked else "",
         )
     console.print(table)
     console.print(
         f"device_ids=auto picks {picked or 'nothing'} "
-        f"(GPUs with at least {format_bytes(min_free)} free, most free first)."
+        f"(GPUs with at least {format_bytes(min_free)} free that no other gpupar run holds, most free first)."
     )
-    if all(g.utilization_percent is None for g in gpus):
-        console.print("Install nvidia-ml-py for utilisation and process lists.")
+    if inventory.source == "nvml":
+        console.print("Memory, utilisation and processes from NVML (no CUDA context was created).")
+    else:
+        console.print(
+            f"Memory from torch.cuda.mem_get_info, which created a CUDA context on every GPU above: "
+            f"{inventory.note}. Install nvidia-ml-py (pip install 'lightning-gpupar[nvml]') for NVML, "
+            "utilisation and process lists."
+        )
+    held = [str(i) for i, holder in holders.items() if holder]
+    if held:
+        console.print(
+            f"GPU(s) {', '.join(held)} are held by gpupar runs that chose them with device_ids=auto: other "
+            f"'auto' runs skip them (lock files in {device_locks.lock_dir()})."
+        )
     return 0
 
 

@@ -18,8 +18,12 @@ import torch
 def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.device]) -> list[Any]:
     """``[fn() for fn in fns]``, each in its own thread with the caller's torch state, on its device."""
     enter_state = _capture_state()
+    # The caller's current stream on each device, taken here as torch's parallel_apply does: in a new
+    # thread the current stream is the default one, and shards the caller wrote on its stream would be
+    # read there without a wait.
+    streams = [torch.cuda.current_stream(d) if d.type == "cuda" else None for d in devices]
     if len(fns) == 1:
-        with _on_device(devices[0]):
+        with on_device(devices[0], streams[0]):
             return [fns[0]()]
 
     results: list[Any] = [None] * len(fns)
@@ -27,7 +31,7 @@ def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.devic
 
     def work(i: int) -> None:
         try:
-            with enter_state(), _on_device(devices[i]):
+            with enter_state(), on_device(devices[i], streams[i]):
                 results[i] = fns[i]()
         except BaseException as error:  # re-raised in the caller's thread below
             errors[i] = error
@@ -66,9 +70,14 @@ def _capture_state() -> Callable[[], ExitStack]:
 
 
 @contextmanager
-def _on_device(device: torch.device) -> Iterator[None]:
-    if device.type == "cuda":
-        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
-            yield
-    else:
+def on_device(device: torch.device, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+    """``device`` current (CUDA), and ``stream`` (a stream the caller captured) current on it."""
+    if device.type != "cuda":
         yield
+        return
+    with torch.cuda.device(device):
+        if stream is None:
+            yield
+            return
+        with torch.cuda.stream(stream):
+            yield

@@ -5,17 +5,19 @@ in a device list (the Trainer's devices)::
 
     {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
 
-``"auto"`` balances parameter and buffer bytes over the devices, a whole stage at a time (see
-:func:`infer_stages`), under optional per-position caps (``max_memory``).
+``"auto"`` walks the module tree and balances the memory training needs over the devices
+(:mod:`~lightning_gpupar.model_split.auto`), under optional per-position caps (``max_memory``). Every plan
+carries each entry's training memory (:mod:`~lightning_gpupar.model_split.memory`): parameters, buffers,
+gradients, optimizer state and activations.
 
-A plan is computed from the module tree alone (sizes come from ``numel * element_size``), so it works on
-a model built on the meta device and allocates nothing; :mod:`~lightning_gpupar.model_split.hooks` applies
-it.
+A plan is computed from the module tree alone (sizes come from ``numel * element_size``, activations from a
+forward on the meta device), so it works on a model built on the meta device and allocates nothing;
+:mod:`~lightning_gpupar.model_split.hooks` applies it.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,9 @@ import torch
 from torch import nn
 
 from lightning_gpupar.devices import format_bytes, parse_bytes
+from lightning_gpupar.model_split import auto, table
 from lightning_gpupar.model_split.errors import PlacementError
+from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge, measure_model
 from lightning_gpupar.model_split.paths import (
     expand_path,
     find_submodule,
@@ -54,13 +58,17 @@ def infer_stages(root: nn.Module, no_split: Sequence[str] = ()) -> list[str]:
     forward calls them in another order).
     """
     path, module = "", root
-    while not holds_tensors(module, recurse=False) and type(module).__name__ not in no_split:
+    if type(module).__name__ in no_split:
+        return [path]  # kept whole: one stage
+    while not holds_tensors(module, recurse=False):
         holders = [(n, c) for n, c in module.named_children() if holds_tensors(c)]
         if len(holders) != 1 or not any(True for _ in holders[0][1].children()):
             break
         if isinstance(module, nn.Sequential) and len(module) > 1:
             break
         path, module = join(path, holders[0][0]), holders[0][1]
+        if type(module).__name__ in no_split:
+            return [path]  # kept whole: one stage
     chain = isinstance(module, nn.Sequential)
     stages: list[str] = []
     for name, child in module.named_children():
@@ -86,6 +94,7 @@ class PlacedModule:
     num_params: int
     num_bytes: int
     source: str  # "map", "auto" or "default"
+    memory: MemoryParts = dataclasses.field(default_factory=MemoryParts)  # training needs (tied: with owner)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,9 @@ class PlacementPlan:
     devices: tuple[torch.device, ...]
     entries: tuple[PlacedModule, ...]
     output_position: int
+    caps: tuple[float, ...] = ()  # max_memory per position (inf: none)
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # how each part was found
+    tied: Mapping[str, str] = dataclasses.field(default_factory=dict)  # shared parameter -> its owner
 
     @property
     def output_device(self) -> torch.device:
@@ -113,8 +125,23 @@ class PlacementPlan:
             totals[entry.position] += entry.num_bytes
         return totals
 
-    def table(self) -> str:
-        """The plan as a text table: one row per submodule, then the totals per device."""
+    def memory_per_position(self) -> list[MemoryParts]:
+        """Training memory per position, part by part."""
+        totals = [MemoryParts() for _ in self.devices]
+        for entry in self.entries:
+            totals[entry.position] = totals[entry.position] + entry.memory
+        return totals
+
+    def need_per_position(self) -> list[int]:
+        """Bytes training needs per position: parameters, buffers, gradients, optimizer state, activations."""
+        return [parts.total for parts in self.memory_per_position()]
+
+    def table(self, free_bytes: Callable[[torch.device], int | None] | None = None) -> str:
+        """The plan as text: one row per submodule, the totals per device, then the memory per device."""
+        return self.entry_table() + "\n\n" + table.memory_table(self, free_bytes)
+
+    def entry_table(self) -> str:
+        """One row per submodule, then the parameter totals per device."""
         rows = [("submodule", "position", "device", "parameters", "bytes")]
         for e in self.entries:
             name = (e.path or "(root)") + (" (own tensors)" if e.own_only else "")
@@ -135,7 +162,7 @@ class PlacementPlan:
         """Fail, with the numbers, if a device has less free memory than its parameters and buffers need."""
         free_bytes = free_bytes or cuda_free_bytes
         need: dict[torch.device, int] = {}
-        for device, total in zip(self.devices, self.bytes_per_position(), strict=True):
+        for device, total in zip(self.devices, self.need_per_position(), strict=True):
             need[device] = need.get(device, 0) + total
         short = []
         for device, total in need.items():
@@ -146,9 +173,9 @@ class PlacementPlan:
             raise PlacementError(
                 "The placement does not fit: "
                 + "; ".join(short)
-                + " (parameters and buffers only; gradients and optimizer state need more). "
+                + " (parameters, buffers, gradients, optimizer state and activations). "
                 "Move submodules to other devices, add devices, or use placement='auto' with max_memory.\n"
-                + self.table()
+                + self.table(free_bytes)
             )
 
 
@@ -169,14 +196,22 @@ def plan_placement(
     output_device: int | None = None,
     max_memory: Mapping[Any, int | str] | None = None,
     no_split: Sequence[str] = (),
+    optimizer: torch.optim.Optimizer | None = None,
+    example_input: Any = None,
+    partition: auto.Partitioner | None = None,
 ) -> PlacementPlan:
     """Plan where each submodule of ``root`` goes, without moving anything.
 
     ``placement``: a map of submodule paths (ranges allowed) to positions in ``devices``, or ``"auto"``
     (``None`` means ``"auto"``). Tensors outside the map go to ``default_device`` or are an error.
-    ``stages``: for ``"auto"``, the ordered units to balance (default: :func:`infer_stages`).
+    ``stages``: for ``"auto"``, the ordered units to place, each whole (default: walk the module tree).
     ``output_device``: the position where outputs land (default: the last placed submodule's).
-    ``max_memory``: ``{position: "10GiB"}`` caps for ``"auto"``. ``no_split``: class names never split.
+    ``max_memory``: ``{position: "10GiB"}`` caps on the training memory of each position.
+    ``no_split``: class names ``"auto"`` keeps whole. ``optimizer``: the one training will use (its state
+    counts; default: Adam-style assumed). ``example_input``: a forward's input (a tuple: positional
+    arguments, a dict: keyword arguments) whose saved activations are measured on the meta device.
+    ``partition``: how ``"auto"`` cuts the chain units into devices (default:
+    :func:`~lightning_gpupar.model_split.auto.balance_memory`).
     """
     devices = tuple(devices)
     if not devices:
@@ -184,8 +219,12 @@ def plan_placement(
     for name, value in (("default_device", default_device), ("output_device", output_device)):
         if value is not None:
             _check_position(value, devices, name)
+    caps = _caps(max_memory, devices)
+    _check_no_split(root, no_split)
+    memory = measure_model(root, optimizer, example_input)
+    order = auto.execution_order(root, memory)
     if placement is None or placement == "auto":
-        entries = _auto(root, devices, stages, _caps(max_memory, devices), no_split)
+        entries = _auto(root, devices, stages, caps, no_split, memory, partition or auto.balance_memory)
     elif isinstance(placement, str):
         raise PlacementError(
             f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, "
@@ -194,12 +233,39 @@ def plan_placement(
     else:
         entries = _manual(root, devices, placement, default_device)
     _check_tied(root, entries)
-    order = {name: i for i, (name, _) in enumerate(root.named_modules())}
     entries.sort(key=lambda e: (order[e.path], not e.own_only))
+    entries = _with_memory(root, entries, memory)
     if output_device is None:
         placed = [e for e in entries if e.source != "default" and not e.own_only] or entries
         output_device = placed[-1].position if placed else 0
-    return PlacementPlan(devices, tuple(entries), output_device)
+    return PlacementPlan(devices, tuple(entries), output_device, tuple(caps), memory.sources, memory.tied)
+
+
+def _with_memory(root: nn.Module, entries: list[PlacedModule], memory: ModelMemory) -> list[PlacedModule]:
+    """Each entry with its training memory, a tensor shared by several entries counted in the first."""
+    parts = charge([(e.path, e.own_only) for e in entries], memory)
+    seen: set[int] = set()
+    result = []
+    for entry, part in zip(entries, parts, strict=True):
+        module = root.get_submodule(entry.path)
+        params = [p for p in module.parameters(entry.own_only is False) if id(p) not in seen]
+        tensors = params + [b for b in module.buffers(entry.own_only is False) if id(b) not in seen]
+        seen |= {id(t) for t in tensors}
+        count = sum(p.numel() for p in params)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        result.append(dataclasses.replace(entry, num_params=count, num_bytes=nbytes, memory=part))
+    return result
+
+
+def _check_no_split(root: nn.Module, no_split: Sequence[str]) -> None:
+    """A class name in ``no_split`` must name a class of the model."""
+    classes = sorted({type(m).__name__ for m in root.modules()})
+    unknown = [name for name in no_split if name not in classes]
+    if unknown:
+        raise PlacementError(
+            f"no_split names {unknown}, but the model has no module of that class. Its classes: "
+            f"{', '.join(classes)}."
+        )
 
 
 def _check_position(value: Any, devices: Sequence[torch.device], what: str) -> int:
@@ -246,10 +312,27 @@ def _manual(
 
 
 def _caps(max_memory: Mapping[Any, int | str] | None, devices: Sequence[torch.device]) -> list[float]:
+    """``max_memory`` as a cap per position; a key that is no position or a size that is not one fails."""
     caps = [float("inf")] * len(devices)
+    valid = f"positions 0..{len(devices) - 1} ({', '.join(map(str, devices))})"
     for key, value in (max_memory or {}).items():
-        pos = int(key) if isinstance(key, str) and key.isdigit() else key
-        caps[_check_position(pos, devices, f"max_memory[{key!r}]")] = parse_bytes(value)
+        pos = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < len(devices):
+            raise PlacementError(
+                f"max_memory[{key!r}]: the keys are device positions, {valid}; {key!r} is not one."
+            )
+        try:
+            size = (
+                parse_bytes(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+            )
+        except ValueError:
+            size = None
+        if size is None or size <= 0:
+            raise PlacementError(
+                f"max_memory[{key!r}]={value!r} is not a positive size: write bytes as an int, or a size "
+                "such as '512MiB', '10GiB' or '1.5GB'."
+            )
+        caps[pos] = size
     return caps
 
 
@@ -259,45 +342,68 @@ def _auto(
     stages: Sequence[str] | None,
     caps: list[float],
     no_split: Sequence[str],
+    memory: ModelMemory,
+    partition: auto.Partitioner,
 ) -> list[PlacedModule]:
-    """Greedy, in order: fill each device up to its share of the bytes (or its cap), then the next."""
-    atomic = stages is not None
-    units = deque(_units(root, list(stages) if stages is not None else infer_stages(root, no_split)))
-    total = sum(u.num_bytes for u in units)
-    used = [0] * len(devices)
-    pos, last = 0, len(devices) - 1
-    target = total / len(devices)
+    """Chain units (the tree walk, or the stages), tied groups merged, partitioned over the devices."""
+    keep_whole = auto.model_no_split(root, no_split)
+    if stages is not None:
+        units = [(u.path, u.own_only) for u in _units(root, list(stages))]
+    else:
+        units = auto.walk_units(root, memory, caps, keep_whole)
+    key = auto.execution_order(root, memory)
+    units.sort(key=lambda u: (key[u[0]], not u[1]))
+    chain = auto.chain_units(root, units, memory)
+    try:
+        positions = partition(chain, caps)
+    except auto.NoFit:
+        raise PlacementError(_no_fit_message(root, devices, chain, caps, keep_whole, set(no_split))) from None
     entries = []
-    while units:
-        unit = units.popleft()
-        if unit.num_bytes == 0:
-            continue
-        new = used[pos] + unit.num_bytes
-        module = root.get_submodule(unit.path)
-        if new <= caps[pos] and (pos == last or new <= target):
-            pass
-        elif not atomic and not unit.own_only and _splittable(module, no_split):
-            children = [_entry(root, join(unit.path, n), 0, "auto") for n, _ in module.named_children()]
-            units.extendleft(reversed(children))
-            continue
-        elif new <= caps[pos] and pos < last and new - target < target - used[pos]:
-            pass  # closer to this device's share with the unit than without it
-        elif pos < last:
-            pos += 1
-            target = (total - sum(used)) / (len(devices) - pos)
-            units.appendleft(unit)
-            continue
-        else:
-            raise PlacementError(
-                f"placement='auto' cannot fit {unit.path or '(root)'} ({format_bytes(unit.num_bytes)}): "
-                f"position {pos} ({devices[pos]}) already holds {format_bytes(used[pos])} of its "
-                f"{format_bytes(caps[pos])} max_memory. Total {format_bytes(total)} over caps "
-                f"{[format_bytes(c) if c != float('inf') else 'none' for c in caps]}: raise max_memory or "
-                "add devices."
-            )
-        used[pos] = new
-        entries.append(PlacedModule(unit.path, pos, unit.own_only, unit.num_params, unit.num_bytes, "auto"))
+    for unit, position in zip(chain, positions, strict=True):
+        for path, own_only in unit.units:
+            entries.append(_entry(root, path, position, "auto", own_only))
     return entries
+
+
+def _no_fit_message(
+    root: nn.Module,
+    devices: Sequence[torch.device],
+    chain: Sequence[auto.ChainUnit],
+    caps: list[float],
+    keep_whole: set[str],
+    user_no_split: set[str],
+) -> str:
+    """What each device would need, the caps, and the smallest change that fits."""
+    costs = [u.cost for u in chain]
+    uncapped = [float("inf")] * len(caps)
+    positions = auto.balance_memory(chain, uncapped)
+    need = [MemoryParts() for _ in caps]
+    for unit, position in zip(chain, positions, strict=True):
+        need[position] = need[position] + unit.memory
+    lines = [
+        f"placement='auto' cannot fit the model under max_memory: training needs {format_bytes(sum(costs))} "
+        f"in total. Balanced without caps, each device would need:"
+    ]
+    for pos, parts in enumerate(need):
+        cap = "no cap" if caps[pos] == float("inf") else f"cap {format_bytes(caps[pos])}"
+        lines.append(f"  {pos} ({devices[pos]}): {table.describe_parts(parts)} ({cap})")
+    fixes = []
+    finite = [c for c in caps if c != float("inf")]
+    if finite:
+        for extra in range(1, len(costs) + 1):
+            if auto.min_max_load(costs, caps + [max(finite)] * extra) is not None:
+                fixes.append(f"{extra} more device(s) with {format_bytes(max(finite))} each")
+                break
+        limit = auto.min_max_load(costs, uncapped) or 0
+        fixes.append(f"max_memory of at least {format_bytes(limit)} on every position")
+    largest = max(chain, key=lambda u: u.cost)
+    for path, _ in largest.units:
+        module = root.get_submodule(path)
+        name = type(module).__name__
+        if name in user_no_split and largest.cost > min(caps):
+            fixes.append(f"removing {name} from no_split ({path} alone needs {format_bytes(largest.cost)})")
+    lines.append("Smallest changes that fit: " + "; or ".join(fixes) + ".")
+    return "\n".join(lines)
 
 
 def _units(root: nn.Module, stages: list[str]) -> list[PlacedModule]:
@@ -334,14 +440,19 @@ def _uncontain(root: nn.Module, path: str) -> list[str]:
 
 def _check_tied(root: nn.Module, entries: Sequence[PlacedModule]) -> None:
     """A parameter shared by two entries must not be placed on two positions."""
-    seen: dict[int, tuple[str, int]] = {}
+    seen: dict[int, tuple[str, int, PlacedModule]] = {}
     for entry in entries:
         module = root.get_submodule(entry.path)
         for name, param in module.named_parameters(recurse=not entry.own_only, remove_duplicate=False):
-            where = (join(entry.path, name), entry.position)
+            where = (join(entry.path, name), entry.position, entry)
             first = seen.setdefault(id(param), where)
             if first[1] != entry.position:
+                together = {e.path: e.position for e in entries if not e.own_only}
+                together[entry.path] = first[1]
                 raise PlacementError(
                     f"{first[0]} and {where[0]} are the same (tied) parameter, placed on positions "
-                    f"{first[1]} and {where[1]}. Place both submodules on one device."
+                    f"{first[1]} and {where[1]}. Tied parameters must live on one device: place "
+                    f"{entry.path or '(root)'} on position {first[1]} (or {first[2].path or '(root)'} on "
+                    f"{where[1]}), e.g. placement={together}; or use placement='auto', which keeps them "
+                    "together."
                 )

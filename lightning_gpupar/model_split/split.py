@@ -19,7 +19,13 @@ from torch import nn
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
 from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
-from lightning_gpupar.model_split.plan import Placement, PlacementPlan, infer_stages, plan_placement
+from lightning_gpupar.model_split.plan import (
+    Placement,
+    PlacementPlan,
+    cuda_free_bytes,
+    infer_stages,
+    plan_placement,
+)
 
 
 @dataclass
@@ -77,8 +83,17 @@ class ModelSplit:
         named = set() if self.is_auto else {int(v) for v in dict(self.placement).values()}  # type: ignore[arg-type]
         return named | {p for p in (self.default_device, self.output_device) if p is not None}
 
-    def plan(self, module: nn.Module, devices: Sequence[torch.device]) -> PlacementPlan:
-        """Where each submodule of ``module`` goes on ``devices``; computed without allocating."""
+    def plan(
+        self,
+        module: nn.Module,
+        devices: Sequence[torch.device],
+        optimizer: torch.optim.Optimizer | None = None,
+        example_input: Any = None,
+    ) -> PlacementPlan:
+        """Where each submodule of ``module`` goes on ``devices``; computed without allocating.
+
+        ``optimizer`` and ``example_input`` make the training-memory estimate exact (see
+        :func:`~lightning_gpupar.model_split.plan.plan_placement`)."""
         stages = self.stages
         if stages is None and self.chunks > 1 and self.is_auto:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
@@ -91,6 +106,8 @@ class ModelSplit:
             output_device=self.output_device,
             max_memory=self.max_memory,
             no_split=self.no_split,
+            optimizer=optimizer,
+            example_input=example_input,
         )
 
     def pipeline_stages(self, module: nn.Module) -> list[str]:
@@ -101,10 +118,24 @@ class ModelSplit:
             return [str(key) for key in self.placement]
         return infer_stages(module, self.no_split)
 
-    def apply(self, module: nn.Module, devices: Sequence[torch.device], title: str) -> AppliedSplit:
-        """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
-        plan = self.plan(module, devices)
-        rank_zero_info(f"{title} placement (chunks={self.chunks}):\n{plan.table()}")
+    def apply(
+        self,
+        module: nn.Module,
+        devices: Sequence[torch.device],
+        title: str,
+        plan: PlacementPlan | None = None,
+        **planning: Any,
+    ) -> AppliedSplit:
+        """Plan (unless ``plan`` is given), print, check free memory, place; then pipeline the stage sequence
+        if ``chunks > 1``. ``planning``: ``optimizer`` and ``example_input`` for :meth:`plan`."""
+        plan = plan or self.plan(module, devices, **planning)
+        rank_zero_info(f"{title} placement (chunks={self.chunks}):\n{plan.table(cuda_free_bytes)}")
+        if self.chunks > 1 and self.is_auto and self.stages is None:
+            rank_zero_info(
+                f"placement='auto' with chunks={self.chunks} pipelines the chain units "
+                f"{' -> '.join(self.pipeline_stages(module))}; the first step checks that the forward runs "
+                "them as this chain (declare strategy.stages otherwise)."
+            )
         plan.check_free_memory()
         applied = AppliedSplit(plan, [apply_placement(module, plan)])
         if "_device" in module.__dict__:  # LightningModule: `self.device` is where outputs and the loss live

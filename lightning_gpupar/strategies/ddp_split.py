@@ -13,18 +13,28 @@ group); the launching process plans rank 0's placement before any other process 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gpupar.model_split import ModelSplit, Placement, Recompute
+from lightning_gpupar.model_split import ModelSplit, Placement, PlacementPlan, Recompute
+from lightning_gpupar.model_split.handoff import (
+    PLAN_ENV,
+    all_gather_strings,
+    check_same_plan,
+    plan_from_json,
+    plan_to_json,
+)
 from lightning_gpupar.strategies.ddp import DDPStrategy
 from lightning_gpupar.strategies.launcher import DDPLaunchError
-from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin
+from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin, planning_inputs
 
 
 class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
@@ -129,17 +139,35 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         *_: Any,
     ) -> None:
         """In the launching process before any other starts: plan rank 0's placement (sizes only, nothing
-        moves), so a missing submodule or an unplaceable map fails now; when fitting, check ``chunks``
-        against the per-process batch size of the training loader or the datamodule.
+        moves), so a missing submodule or an unplaceable map fails now, and hand the plan to the ranks
+        (:data:`~lightning_gpupar.model_split.handoff.PLAN_ENV`); when fitting, check ``chunks`` against the
+        per-process batch size of the training loader or the datamodule.
 
         The arguments are those the Trainer hands its launcher: ``_fit_impl(model, train_dataloaders,
         val_dataloaders, datamodule, ckpt_path)``.
         """
         if not isinstance(model, torch.nn.Module) or self._all_devices is None:
             return
-        self.split.plan(model, self._all_devices[: self.devices_per_process])
+        group = self._all_devices[: self.devices_per_process]
+        plan = self.split.plan(model, group, **planning_inputs(model))
+        os.environ[PLAN_ENV] = plan_to_json(plan)  # the ranks this process starts place by this plan
         if getattr(function, "__name__", "") == "_fit_impl":
             self.split.check_batch_size(_declared_batch_size(loaders, datamodule))
+
+    @override
+    def make_plan(self) -> PlacementPlan:
+        """The launching process's plan (:data:`PLAN_ENV`) for this rank's group, else planned here; either
+        way checked identical across ranks before anything moves."""
+        assert self.model is not None
+        handed = os.environ.get(PLAN_ENV)
+        if handed is None:
+            plan = super().make_plan()
+        else:
+            inputs = {**planning_inputs(self.model), "max_memory": self.split.max_memory}
+            plan = plan_from_json(self.model, self.device_group, handed, **inputs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            check_same_plan(plan, self.global_rank, all_gather_strings)
+        return plan
 
     @override
     def model_to_device(self) -> None:
@@ -158,6 +186,31 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
     def determine_ddp_device_ids(self) -> list[int] | None:
         """torch's DDP needs ``device_ids=None`` for a module spread over several devices."""
         return None
+
+    # Lightning binds the process group to ``root_device`` (``init_process_group(device_id=...)``). A bound
+    # NCCL group refuses collectives on the process's other devices, and DDP's parameter check,
+    # ``_sync_module_states`` and buffer broadcasts touch all of them: the group is created unbound, and
+    # ``barrier`` names its device (Lightning passes ``determine_ddp_device_ids()``, None here).
+
+    @override
+    def setup_distributed(self) -> None:
+        """Lightning's, without binding the process group to one device of the group."""
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """Under NCCL, a barrier on this process's output device (named: the group is unbound, and NCCL
+        would otherwise guess a device from the rank)."""
+        if not _distributed_is_initialized():
+            super().barrier(*args, **kwargs)
+        elif torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
 
     def _check_group_positions(self, k: int) -> None:
         """Positions are relative to a process's group: one >= k would cross into another process."""

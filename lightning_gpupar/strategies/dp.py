@@ -5,8 +5,9 @@ The path of one step, top to bottom in :meth:`DataParallelStrategy._parallel_ste
 1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.dp.batch`); the loop has already
    run ``on_before_batch_transfer`` once on the whole batch, which stays where the DataLoader put it, so
    ``on_train_batch_start`` / ``on_train_batch_end`` see it there, unsplit;
-2. move shard i to device i through ``transfer_batch_to_device`` and ``on_after_batch_transfer``;
-3. replicate the module onto those devices (:mod:`lightning_gpupar.dp.replicate`);
+2. replicate the module onto those devices (:mod:`lightning_gpupar.dp.replicate`);
+3. move shard i to device i through ``transfer_batch_to_device`` and ``on_after_batch_transfer``, called
+   on replica i with device i current (the hooks see that device's ``self.device`` and buffers);
 4. run the replica's own ``*_step`` on its shard in a thread (:mod:`lightning_gpupar.dp.parallel_apply`),
    with its ``self.log`` recorded instead of logged;
 5. merge the replicas' metric states and logged values into the root, once, on this thread
@@ -50,7 +51,7 @@ from typing_extensions import override
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.dp.batch import split_batch
 from lightning_gpupar.dp.gather import gather_outputs
-from lightning_gpupar.dp.parallel_apply import run_parallel
+from lightning_gpupar.dp.parallel_apply import on_device, run_parallel
 from lightning_gpupar.dp.replica_results import (
     LogRecorder,
     logged_metric_ids,
@@ -186,7 +187,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         return module
 
     def _parallel_step(self, step_name: str, batch: Any, *args: Any, **kwargs: Any) -> Any:
-        """Split -> transfer -> replicate -> per-replica step -> merge logs and metrics -> gather."""
+        """Split -> replicate -> transfer on each replica -> per-replica step -> merge results -> gather."""
         root = self._module
         if len(self.devices) == 1:
             return getattr(root, step_name)(batch, *args, **kwargs)
@@ -194,12 +195,12 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         shards, sizes = split_batch(batch, len(self.devices))
         devices = self.devices[: len(shards)]
         dataloader_idx = kwargs.get("dataloader_idx", args[1] if len(args) > 1 else 0)
+        replicas = replicate(root, devices)
         shards = [
-            root._apply_batch_transfer_handler(s, d, dataloader_idx)
-            for s, d in zip(shards, devices, strict=True)
+            _transfer_shard(root, replica, s, d, dataloader_idx)
+            for replica, s, d in zip(replicas, shards, devices, strict=True)
         ]
 
-        replicas = replicate(root, devices)
         recorders = [LogRecorder() for _ in replicas]
         for replica, recorder in zip(replicas, recorders, strict=True):
             replica.__dict__["log"] = recorder
@@ -241,6 +242,25 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
             yield
         finally:
             del root.__dict__["forward"]
+
+
+def _transfer_shard(
+    root: LightningModule, replica: LightningModule, shard: Any, device: torch.device, dataloader_idx: int
+) -> Any:
+    """Lightning's ``_apply_batch_transfer_handler`` for one shard, run on the shard's device: with
+    ``device`` current, and the LightningModule's hooks called on the shard's replica, whose
+    ``self.device``, parameters and buffers are on ``device`` (on the root, ``x - self.mean`` would mix
+    devices). A datamodule's hooks are the datamodule's, as in Lightning."""
+    trainer = root._trainer
+    selector = trainer._data_connector._datahook_selector if trainer is not None else None
+
+    def hook(name: str) -> Callable[..., Any]:
+        owner = selector.get_instance(name) if selector is not None else root
+        return getattr(replica if isinstance(owner, LightningModule) else owner, name)
+
+    with on_device(device):
+        shard = hook("transfer_batch_to_device")(shard, device, dataloader_idx)
+        return hook("on_after_batch_transfer")(shard, dataloader_idx)
 
 
 def _call_on_device(

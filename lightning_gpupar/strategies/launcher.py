@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Variables the launcher sets in its own process for the process group; restored when a new job starts.
 DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", LAUNCHER_PID_ENV)
+#: Set by Lightning in a rank's own environment after its CUDA numbering is fixed; restored between jobs.
+CUDA_ORDER_ENV = "CUDA_DEVICE_ORDER"
 #: Hydra overrides (keys, with their sub-keys) a child does not inherit: the sweep's own settings, and
 #: the ones the launcher sets per child.
 NOT_INHERITED = (
@@ -155,7 +157,10 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
             "WORLD_SIZE": str(self.num_processes * self.num_nodes),
             LAUNCHER_PID_ENV: str(os.getpid()),
         }
-        record.saved_env = {key: os.environ.get(key) for key in ddp_env}
+        # CUDA_DEVICE_ORDER too: Lightning's CUDAAccelerator.setup sets PCI_BUS_ID here after this process's
+        # CUDA numbering is fixed; left in place, the next job's children would number GPUs by PCI bus while
+        # this rank keeps the order it started with (mixed GPU models).
+        record.saved_env = {key: os.environ.get(key) for key in (*ddp_env, CUDA_ORDER_ENV)}
         os.environ.update(ddp_env)
         _previous_launch = record
 

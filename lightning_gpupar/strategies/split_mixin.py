@@ -12,18 +12,21 @@ Trainer's devices for ``model_split``, a process's own group for ``ddp_split``);
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.init import _EmptyInit
+from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gpupar.model_split import AppliedSplit, ModelSplit
+from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementError, PlacementPlan
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy as _StrategyBase
@@ -37,6 +40,23 @@ def optimizer_state_to_parameter_devices(optimizer: Optimizer) -> None:
         for key, value in state.items():
             if isinstance(value, Tensor) and key != "step":
                 state[key] = value.to(param.device)
+
+
+def planning_inputs(module: torch.nn.Module) -> dict[str, Any]:
+    """What the plan's training-memory estimate can use before placement: the optimizer
+    ``configure_optimizers`` returns (its first, when it returns several) and ``example_input_array``."""
+    found: dict[str, Any] = {"example_input": getattr(module, "example_input_array", None)}
+    if isinstance(module, pl.LightningModule):
+        try:
+            optimizers, _, _ = _configure_optimizers(module.configure_optimizers())  # type: ignore[arg-type]
+            found["optimizer"] = optimizers[0] if optimizers else None
+        except Exception as err:  # a hook that needs the trainer's loop state: fall back to the assumption
+            rank_zero_warn(
+                f"configure_optimizers could not run before placement ({type(err).__name__}: {err}); the "
+                "plan assumes Adam-style optimizer state (2 tensors per parameter).",
+                category=UserWarning,
+            )
+    return found
 
 
 class SplitStrategyMixin(_StrategyBase):
@@ -62,16 +82,46 @@ class SplitStrategyMixin(_StrategyBase):
         """The output device: where batches arrive and outputs, loss and metrics live."""
         if self.applied is not None:
             return self.applied.plan.output_device
+        return self._output_device_before_placement()
+
+    def _output_device_before_placement(self) -> torch.device:
+        """Where the plan will put outputs, before it is applied, so that the first CUDA call
+        (``setup_environment``'s ``set_device``) is on that device rather than on the last one: asked of a
+        plan of the attached LightningModule (sizes only: no optimizer, no forward; nothing moves); while no
+        module exists or its layers are still to be built (``configure_model``), the declared
+        ``output_device`` position, else the last device."""
         devices = self.split_devices
-        output = self.split.output_device
-        return devices[output if output is not None and output < len(devices) else -1]
+        module = self.lightning_module
+        if module is not None:
+            try:
+                return self.split.plan(module, devices).output_device
+            except PlacementError:
+                pass  # e.g. layers that configure_model builds later
+        position = self.split.output_device
+        return devices[position if position is not None and position < len(devices) else -1]
+
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """``Trainer.init_module()`` and ``configure_model`` build the model on the CPU, not on
+        ``root_device``: the whole model on one GPU is the out-of-memory error splitting exists to avoid;
+        placement then moves each part to its device."""
+        with _EmptyInit(enabled=bool(empty_init)), self.precision_plugin.tensor_init_context():
+            yield
 
     @override
     def model_to_device(self) -> None:
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(self.model, self.split_devices, self.split_title)
+        self.applied = self.split.apply(
+            self.model, self.split_devices, self.split_title, plan=self.make_plan()
+        )
+
+    def make_plan(self) -> PlacementPlan:
+        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input."""
+        assert self.model is not None
+        return self.split.plan(self.model, self.split_devices, **planning_inputs(self.model))
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

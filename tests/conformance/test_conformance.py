@@ -23,16 +23,10 @@ from lightning_gpupar.cli.ckpt import main as gpupar_ckpt
 from tests.conformance.architectures import CASES
 from tests.helpers.conformance import Case, assert_same_state, assert_same_training, fit, reference
 
-AUTO_SPLITS_TIED_WEIGHTS = pytest.mark.xfail(
-    strict=True, reason="auto placement splits tied weights: issue 10 item 2, fixed by the auto rework"
-)
-TIED = {"gpt2", "tied_embedding"}
 
-
-def cases(chains_only: bool = False, xfail_auto: bool = False) -> list[Any]:
+def cases(chains_only: bool = False) -> list[Any]:
     chosen = [c for c in CASES if c.chain or not chains_only]
-    marks = lambda c: [AUTO_SPLITS_TIED_WEIGHTS] if xfail_auto and c.name in TIED else []  # noqa: E731
-    return [pytest.param(c, id=c.name, marks=marks(c)) for c in chosen]
+    return [pytest.param(c, id=c.name) for c in chosen]
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
@@ -61,12 +55,12 @@ def test_pipelined_model_split_with_a_placement_map_equals_single_device(case: C
     split(case, dict(case.placement), chunks=2)
 
 
-@pytest.mark.parametrize("case", cases(xfail_auto=True))
+@pytest.mark.parametrize("case", cases())  # tied weights stay together (issue 12)
 def test_model_split_with_auto_placement_equals_single_device(case: Case) -> None:
     split(case, "auto", chunks=1)
 
 
-@pytest.mark.parametrize("case", cases(chains_only=True, xfail_auto=True))
+@pytest.mark.parametrize("case", cases(chains_only=True))
 def test_pipelined_model_split_with_auto_placement_equals_single_device(case: Case) -> None:
     split(case, "auto", chunks=2)
 

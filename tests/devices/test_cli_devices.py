@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from lightning_gpupar.cli import devices as cli
-from lightning_gpupar.devices import GPUInfo
+from lightning_gpupar.devices import GPUInfo, GPUInventory
 
 
 def test_without_cuda_says_so_and_offers_cpu_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,13 +28,16 @@ def test_table_shows_memory_and_the_auto_pick(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     gpus = fake_gpus(10, 40, 0.5, 30)
-    monkeypatch.setattr(cli, "query_gpus", lambda: gpus)
+    monkeypatch.setattr(
+        cli, "query_inventory", lambda: GPUInventory(tuple(gpus), "torch.cuda.mem_get_info", "x")
+    )
     monkeypatch.setenv("COLUMNS", "200")
     assert cli.main(["--min-free-memory", "20GiB"]) == 0
     out = capsys.readouterr().out
     assert "Fake H100" in out
     assert "40.0 GiB" in out
     assert "device_ids=auto picks [1, 3]" in out
+    assert "Memory from torch.cuda.mem_get_info" in out and "nvidia-ml-py" in out  # says which source
 
 
 def test_an_unreadable_memory_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

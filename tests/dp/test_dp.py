@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import StrategyRegistry
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_gpupar import DataParallelStrategy
 from lightning_gpupar.dp.batch import BatchSplitError
 from lightning_gpupar.dp.replica_results import merge_metrics
-from tests.helpers.dp_models import LoggingNet, ManualNet
+from tests.helpers.dp_models import BatchNormNet, LoggingNet, ManualNet
 from tests.helpers.equivalence import ProbeNet, TinyNet, assert_same, make_data, run
 from tests.helpers.markers import requires_cuda
 
@@ -212,17 +212,6 @@ def test_batch_hooks_see_the_whole_batch_or_each_shard() -> None:
 
 
 # -- BatchNorm, state on self, sync_batchnorm --------------------------------------------------------------
-
-
-class BatchNormNet(TinyNet):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
-        self.steps_on_self = 0
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        self.steps_on_self += 1  # lost with the replica, as documented
-        return super().training_step(batch, batch_idx)
 
 
 def test_batchnorm_keeps_the_first_replicas_running_statistics(device_type: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from tests.helpers.equivalence import TinyNet
@@ -76,3 +76,14 @@ class ManualNet(TinyNet):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         pass
+
+
+class BatchNormNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+        self.steps_on_self = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.steps_on_self += 1  # lost with the replica, as documented
+        return super().training_step(batch, batch_idx)

@@ -1,12 +1,14 @@
 """Train a float64 MLP with DDPStrategy on 2 CPU processes and record what a step produced.
 
-    python equivalence.py OUT_DIR STEPS PER_RANK_BATCH [ddp|ddp_split]
+    python equivalence.py OUT_DIR STEPS PER_RANK_BATCH [ddp|ddp_split] [cpu|gpu] [PROCESSES] [CHUNKS]
 
 Every rank writes ``OUT_DIR/rank<r>.pt``: its first-step loss, its gradients after the first backward
 (already all-reduced by DDP), and its weights after ``STEPS`` optimizer steps. The data and the
 initial weights come from :func:`problem`, which the test uses for the single-device reference.
 ``ddp_split`` runs 2 processes x 2 CPU devices, each copy split in two stages and pipelined in 2
 micro-batches; each rank also records the stage positions and how many micro-batches stage 0 ran.
+With ``gpu`` the processes train on GPUs 0.. with NCCL (``PROCESSES`` of them, default 2; ``CHUNKS``
+micro-batches for ``ddp_split``, default 2).
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ def main() -> None:
     net, data = problem()
     model = Recorder(net)
     split = len(sys.argv) > 4 and sys.argv[4] == "ddp_split"
+    accelerator = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+    processes = int(sys.argv[6]) if len(sys.argv) > 6 else 2
+    chunks = int(sys.argv[7]) if len(sys.argv) > 7 else 2
     strategy = (
-        DDPStrategy(timeout=60, devices_per_process=2, placement={"net.0-1": 0, "net.2": 1}, chunks=2)
+        DDPStrategy(timeout=60, devices_per_process=2, placement={"net.0-1": 0, "net.2": 1}, chunks=chunks)
         if split
         else DDPStrategy(timeout=60)
     )
@@ -83,9 +88,10 @@ def main() -> None:
             applied = getattr(strategy, "applied", None)  # plain DDP places nothing
             positions.update({p: applied.plan.position_of(p) for p in ("net.0", "net.2")} if applied else {})
 
+    count = processes * (2 if split else 1)
     trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=4 if split else 2,
+        accelerator=accelerator,
+        devices=count if accelerator == "cpu" else list(range(count)),
         strategy=strategy,
         callbacks=[Positions()],
         max_steps=steps,
@@ -102,6 +108,8 @@ def main() -> None:
             "weights": {n: p.detach().clone() for n, p in net.named_parameters()},
             "positions": positions,
             "microbatch_sizes": calls,
+            "backend": strategy._process_group_backend,
+            "devices": sorted({str(p.device) for p in net.parameters()}),
         },
         out / f"rank{trainer.global_rank}.pt",
     )

@@ -1,0 +1,96 @@
+"""``gpupar-plan``: print the placement plan a Hydra config of the example app would train with, without
+training, so that devices, ``max_memory`` and ``no_split`` can be tried before a run.
+
+    gpupar-plan strategy=model_split model=transformer trainer.accelerator=cpu strategy.device_ids=3
+    python -m lightning_gpupar.cli.plan strategy=ddp_split strategy.device_ids=4 'strategy.max_memory={0:4GB}'
+
+The config is composed from ``--config-dir`` (default ``./conf``) with the overrides given, as
+``examples/train.py`` composes it. The model is built on the meta device (nothing is allocated); the
+activations are measured with the model's ``example_input_array``, else with the first training batch's
+first element (skip that with ``--no-data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning_utilities.core.apply_func import apply_to_collection
+from omegaconf import DictConfig
+
+from lightning_gpupar.config import build_trainer
+from lightning_gpupar.model_split.plan import PlacementPlan, cuda_free_bytes
+from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy
+from lightning_gpupar.strategies.model_split import ModelSplitStrategy
+from lightning_gpupar.strategies.split_mixin import planning_inputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpupar-plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=model_split")
+    parser.add_argument("--config-dir", default="conf", help="the app's config directory (default: ./conf)")
+    parser.add_argument("--config-name", default="config", help="the primary config (default: config)")
+    parser.add_argument("--no-data", action="store_true", help="do not load a batch to measure activations")
+    args = parser.parse_args(argv)
+    config_dir = Path(args.config_dir).resolve()
+    if not config_dir.is_dir():
+        parser.error(f"--config-dir {args.config_dir}: no such directory (run from the app's root)")
+    cfg = compose_config(config_dir, args.config_name, args.overrides)
+    plan = plan_for_config(cfg, use_data=not args.no_data)
+    print(plan.table(cuda_free_bytes))
+    return 0
+
+
+def compose_config(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
+    """The app's config as ``examples/train.py`` composes it (its schemas registered when importable)."""
+    root = str(config_dir.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # the config's targets (``examples.models...``) import from there
+    with contextlib.suppress(ImportError):
+        importlib.import_module("examples.schema").register_app_configs()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name, overrides=overrides)
+
+
+def plan_for_config(cfg: DictConfig, use_data: bool = True) -> PlacementPlan:
+    """The plan the config's split strategy would apply to rank 0's model copy, built on the meta device."""
+    trainer = build_trainer(
+        cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPSplitStrategy):
+        devices = list(strategy.node_devices or [])[: strategy.devices_per_process]
+    elif isinstance(strategy, ModelSplitStrategy):
+        devices = strategy.devices
+    else:
+        raise SystemExit(
+            f"gpupar-plan: strategy {type(strategy).__name__} places no submodules; choose "
+            "strategy=model_split or strategy=ddp_split."
+        )
+    with torch.device("meta"):
+        model = instantiate(cfg.model, _convert_="all")
+    inputs = planning_inputs(model)
+    if inputs["example_input"] is None and use_data and "data" in cfg:
+        inputs["example_input"] = _first_input(cfg)
+    return strategy.split.plan(model, devices, **inputs)
+
+
+def _first_input(cfg: DictConfig) -> Any:
+    """The first element of the first training batch (what the example models' forward takes)."""
+    data = instantiate(cfg.data)
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    first = batch[0] if isinstance(batch, list | tuple) else batch
+    return apply_to_collection(first, torch.Tensor, lambda t: t.to("meta"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""``placement="auto"``: walk the module tree into chain units, then partition them over the devices.
+
+1. **Units** (:func:`walk_units`): starting at the root, in execution order (the example forward's first
+   calls, else registration order), a module is taken whole when it fits in what is left of the current
+   device's share of the training memory; otherwise auto descends into its children, as accelerate's
+   ``infer_auto_device_map`` does. It never descends into a class named in ``no_split``, a class a model
+   declares unsplittable (transformers' ``_no_split_modules``), torch's attention and Transformer layers
+   (their forward uses their children's weights directly or adds residuals across them), or a module with
+   its own parameters or buffers besides its children (its forward combines them). With a stage list
+   (``chunks > 1``) the stages are the units, each whole.
+2. **Tied groups**: units that share a parameter are one :class:`ChainUnit` at the place of its first
+   member, on one device, the shared tensor counted once.
+3. **Partition** (a :data:`Partitioner`): chain units with their costs -> one position per unit,
+   non-decreasing (contiguous runs per device). The default, :func:`balance_memory`, minimises the largest
+   device total under the caps, then evens out the rest. A balance-by-time partition plugs in here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge
+from lightning_gpupar.model_split.paths import holds_tensors, join
+
+#: torch modules whose forward uses their children's weights directly, or adds residuals across children.
+DEFAULT_NO_SPLIT = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer")
+
+Unit = tuple[str, bool]  # (module path, own tensors only)
+
+
+@dataclass(frozen=True)
+class ChainUnit:
+    """What a partition places: one or more units (several for a tied group), with their training memory."""
+
+    units: tuple[Unit, ...]
+    memory: MemoryParts
+
+    @property
+    def cost(self) -> int:
+        return self.memory.total
+
+
+#: Chain units in execution order, capacity per position (bytes, ``inf``: none) -> a position per unit,
+#: non-decreasing. Raise :class:`NoFit` when the units cannot fit.
+Partitioner = Callable[[Sequence[ChainUnit], Sequence[float]], list[int]]
+
+
+class NoFit(Exception):
+    """The chain units cannot be placed under the caps."""
+
+
+def model_no_split(root: nn.Module, no_split: Sequence[str]) -> set[str]:
+    """The classes auto keeps whole: the user's, those the model's modules declare, and torch's defaults."""
+    names = set(no_split) | set(DEFAULT_NO_SPLIT)
+    for module in root.modules():
+        declared = getattr(module, "_no_split_modules", None)
+        if isinstance(declared, list | set | tuple):
+            names |= {str(n) for n in declared}
+    return names
+
+
+def execution_order(root: nn.Module, memory: ModelMemory) -> dict[str, tuple[int, int]]:
+    """A sort key per module path: its subtree's first call in the example forward, then registration."""
+    registration = {path: i for i, (path, _) in enumerate(root.named_modules(remove_duplicate=False))}
+    first: dict[str, int] = {}
+    for path, index in memory.order.items():
+        parts = path.split(".") if path else []
+        for depth in range(len(parts) + 1):
+            ancestor = ".".join(parts[:depth])
+            first[ancestor] = min(first.get(ancestor, index), index)
+    never = len(registration) + len(first)
+    return {p: (first.get(p, never), r) for p, r in registration.items()}
+
+
+def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_split: set[str]) -> list[Unit]:
+    """The units to place, in execution order: descend where a module exceeds the current device's share."""
+    key = execution_order(root, memory)
+    n = len(caps)
+    total = memory.parts("").total
+    used = [0.0] * n
+    pos, target = 0, total / n
+    queue: deque[Unit] = deque([("", False)])
+    units: list[Unit] = []
+    while queue:
+        path, own_only = queue.popleft()
+        module = root.get_submodule(path)
+        if not holds_tensors(module, recurse=not own_only):
+            continue  # nothing to place: it runs where its input is
+        cost = memory.parts(path, own_only).total
+        fits = used[pos] + cost <= caps[pos]
+        if fits and (used[pos] + cost <= target or pos == n - 1):
+            pass
+        elif not own_only and _splittable(path, module, no_split):
+            children = [(join(path, name), False) for name, _ in module.named_children()]
+            children.sort(key=lambda unit: key[unit[0]])
+            own = [(path, True)] if holds_tensors(module, recurse=False) else []
+            queue.extendleft(reversed(own + children))
+            continue
+        elif pos < n - 1 and not (fits and used[pos] + cost - target < target - used[pos]):
+            pos += 1
+            target = (total - sum(used)) / (n - pos)
+            queue.appendleft((path, own_only))
+            continue
+        used[pos] += cost
+        units.append((path, own_only))
+    return units
+
+
+def _splittable(path: str, module: nn.Module, no_split: set[str]) -> bool:
+    if type(module).__name__ in no_split or not any(holds_tensors(c) for c in module.children()):
+        return False
+    return path == "" or not holds_tensors(module, recurse=False)
+
+
+def chain_units(root: nn.Module, units: Sequence[Unit], memory: ModelMemory) -> list[ChainUnit]:
+    """Merge units that share a parameter into one chain unit, at the place of its first member."""
+    parts = charge(list(units), memory)
+    owner: dict[int, int] = {}  # parameter id -> the first unit holding it
+    group = list(range(len(units)))
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for index, (path, own_only) in enumerate(units):
+        module = root.get_submodule(path)
+        for param in module.parameters(recurse=not own_only):
+            first = owner.setdefault(id(param), index)
+            a, b = find(first), find(index)
+            if a != b:
+                group[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for index in range(len(units)):
+        members.setdefault(find(index), []).append(index)
+    chain = []
+    for head in sorted(members):
+        indices = members[head]
+        memory_sum = MemoryParts()
+        for i in indices:
+            memory_sum = memory_sum + parts[i]
+        chain.append(ChainUnit(tuple(units[i] for i in indices), memory_sum))
+    return chain
+
+
+# --------------------------------------------------------------------------------------------- partition
+
+
+def balance_memory(units: Sequence[ChainUnit], caps: Sequence[float]) -> list[int]:
+    """Contiguous runs per device: the smallest possible largest device total under the caps, and among
+    those partitions the one with the most even totals (least sum of squares)."""
+    costs = [u.cost for u in units]
+    limit = min_max_load(costs, caps)
+    if limit is None:
+        raise NoFit
+    bounds = [min(c, limit) for c in caps]
+    return _even_partition(costs, bounds)
+
+
+def min_max_load(costs: Sequence[int], caps: Sequence[float]) -> float | None:
+    """The least achievable largest device total of a contiguous partition under ``caps`` (or ``None``)."""
+    if not _fits(costs, caps, float("inf")):
+        return None
+    prefix = [0, *itertools.accumulate(costs)]
+    candidates = sorted(
+        {prefix[j] - prefix[i] for i in range(len(costs)) for j in range(i + 1, len(costs) + 1)}
+    )
+    lo, hi = 0, len(candidates) - 1
+    if not candidates:
+        return 0
+    while lo < hi:  # the smallest block total that is feasible as a limit
+        mid = (lo + hi) // 2
+        if _fits(costs, caps, candidates[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return candidates[lo]
+
+
+def _fits(costs: Sequence[int], caps: Sequence[float], limit: float) -> bool:
+    """Greedy fill in device order: feasible iff every unit lands (optimal for contiguous blocks)."""
+    i = 0
+    for cap in caps:
+        room = min(cap, limit)
+        load = 0
+        while i < len(costs) and load + costs[i] <= room:
+            load += costs[i]
+            i += 1
+    return i == len(costs)
+
+
+def _even_partition(costs: Sequence[int], bounds: Sequence[float]) -> list[int]:
+    """Dynamic programme: split ``costs`` into ``len(bounds)`` contiguous blocks (possibly empty), block j
+    at most ``bounds[j]``, minimising the sum of squared block totals."""
+    n, k = len(costs), len(bounds)
+    prefix = [0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(n + 1):
+            for s in range(i, -1, -1):
+                block = prefix[i] - prefix[s]
+                if block > bounds[j - 1]:
+                    break
+                value = best[j - 1][s] + float(block) ** 2
+                if value < best[j][i]:
+                    best[j][i], cut[j][i] = value, s
+    positions = [0] * n
+    i = n
+    for j in range(k, 0, -1):
+        s = cut[j][i]
+        for index in range(s, i):
+            positions[index] = j - 1
+        i = s
+    return positions

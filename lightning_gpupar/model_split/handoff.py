@@ -1,0 +1,95 @@
+"""Hand a plan from the launching process to the ranks it starts, so that every rank places identically.
+
+Under ``ddp_split`` each rank splits its own copy of the model. Planned in every rank, ``"auto"`` could
+differ between ranks (a model built differently, an optimizer that depends on the rank), and DDP would
+then train mismatched copies. The launching process plans once (:func:`plan_to_json`) and passes the plan
+in :data:`PLAN_ENV`; each rank rebuilds it for its own group (:func:`plan_from_json`: positions count within
+the group, so the same plan shifts to each group's devices). Where no launcher hands one down (torchrun,
+SLURM), the ranks compare their plans (:func:`check_same_plan`) before anything moves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_gpupar.model_split.errors import PlacementError
+from lightning_gpupar.model_split.paths import find_submodule, uncovered
+from lightning_gpupar.model_split.plan import PlacedModule, PlacementPlan, plan_placement
+
+#: The environment variable that carries the launching process's plan to the ranks it starts.
+PLAN_ENV = "LIGHTNING_GPUPAR_SPLIT_PLAN"
+
+
+def plan_to_json(plan: PlacementPlan) -> str:
+    """The plan's placement (paths, positions, own-tensor entries, output position) as one JSON line."""
+    entries = [[e.path, e.position, e.own_only] for e in plan.entries]
+    return json.dumps({"entries": entries, "output": plan.output_position}, separators=(",", ":"))
+
+
+def plan_from_json(
+    root: nn.Module, devices: Sequence[torch.device], text: str, **planning: Any
+) -> PlacementPlan:
+    """Rebuild a plan made by :func:`plan_to_json` for ``root`` on ``devices`` (this rank's group).
+
+    ``planning``: ``optimizer``, ``example_input``, ``max_memory`` for the memory the table shows.
+    """
+    try:
+        spec = json.loads(text)
+        rows = [(str(p), int(pos), bool(own)) for p, pos, own in spec["entries"]]
+        output = int(spec["output"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise PlacementError(f"{PLAN_ENV} does not hold a plan ({err}): {text[:200]!r}") from None
+    for path, _, _ in rows:
+        try:
+            find_submodule(root, path)
+        except PlacementError as err:
+            raise PlacementError(
+                f"The plan the launching process handed down ({PLAN_ENV}) places {path!r}, which this rank's "
+                f"model lacks: every rank must build the same model. {err}"
+            ) from None
+    whole = {path for path, _, own in rows if not own}
+    own = {path for path, _, own_only in rows if own_only}
+    missing = [p for p, is_own in uncovered(root, whole) if not (is_own and p in own)]
+    if missing:
+        raise PlacementError(
+            f"The plan the launching process handed down ({PLAN_ENV}) leaves {missing} of this rank's model "
+            "unplaced: every rank must build the same model."
+        )
+    placement = {path: pos for path, pos, own_only in rows if not own_only}
+    plan = plan_placement(root, devices, placement, default_device=0, output_device=output, **planning)
+    positions = {(path, True): pos for path, pos, own_only in rows if own_only}
+    entries = tuple(
+        _reposition(e, positions[(e.path, True)]) if (e.path, True) in positions else e for e in plan.entries
+    )
+    return PlacementPlan(plan.devices, entries, output, plan.caps, plan.sources, plan.tied)
+
+
+def _reposition(entry: PlacedModule, position: int) -> PlacedModule:
+    return PlacedModule(
+        entry.path, position, entry.own_only, entry.num_params, entry.num_bytes, "auto", entry.memory
+    )
+
+
+def check_same_plan(plan: PlacementPlan, rank: int, gather: Callable[[str], list[str]]) -> None:
+    """Fail on every rank when the ranks' plans differ; ``gather`` collects one string from each rank."""
+    mine = plan_to_json(plan)
+    every = gather(mine)
+    differ = [r for r, other in enumerate(every) if other != every[0]]
+    if differ:
+        raise PlacementError(
+            f"The ranks planned different placements (ranks {differ} differ from rank 0; this is rank "
+            f"{rank}): every rank must build the same model with the same options. Rank 0: {every[0]}; "
+            f"rank {differ[0]}: {every[differ[0]]}."
+        )
+
+
+def all_gather_strings(value: str) -> list[str]:
+    """``value`` from every rank of the default process group (one string each)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return [str(v) for v in gathered]

@@ -1,0 +1,55 @@
+"""gpupar-plan: the plan of a Hydra config of the example app, printed without training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_gpupar.cli.plan import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_prints_the_plan_of_a_config_with_every_part_of_memory(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    overrides = [
+        "strategy=model_split",
+        "model=transformer",
+        "trainer.accelerator=cpu",
+        "strategy.device_ids=3",
+        "data.num_samples=64",
+        "strategy.max_memory={0:8MiB}",
+    ]
+    assert main(overrides) == 0
+    out = capsys.readouterr().out
+    assert "model.blocks.3" in out and "model.head" in out
+    for position in ("0    cpu", "1    cpu", "2    cpu"):
+        assert position in out
+    assert "8.0 MiB cap" in out and "optimizer state: Adam: 2 tensors" in out
+    assert "activations: measured on the meta device (example input, batch of" in out
+
+
+def test_a_strategy_that_places_nothing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit, match=r"strategy DataParallelStrategy places no submodules"):
+        main(["strategy=dp", "trainer.accelerator=cpu", "strategy.device_ids=2"])
+
+
+@pytest.mark.slow
+def test_runs_as_a_module_from_the_command_line() -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_gpupar.cli.plan",
+        "strategy=ddp_split",
+        "trainer.accelerator=cpu",
+    ]
+    command += ["strategy.device_ids=4", "strategy.devices_per_process=2", "model=transformer", "--no-data"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "model.blocks.0" in done.stdout and "activations: not counted" in done.stdout
