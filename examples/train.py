@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_gpupar  # noqa: F401  (registers our strategies)
+from examples.checks import validate_app_config
 from examples.schema import register_app_configs
 from lightning_gpupar.config import build_trainer
 
@@ -67,6 +68,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    validate_app_config(cfg)  # the model, data and app keys; build_trainer checks strategy and trainer
     metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     return metrics.get("test_acc")  # the value a sweeper would optimise
 

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_gpupar.config_checks import check_config
 from lightning_gpupar.devices import DeviceSelection, resolve_devices
 from lightning_gpupar.strategies.ddp import DEFAULT_TIMEOUT_S
 
@@ -181,6 +182,7 @@ def build_strategy(strategy_cfg: DictConfig) -> Strategy | str:
 def build_trainer(cfg: DictConfig, **trainer_kwargs: Any) -> pl.Trainer:
     """A Trainer from ``cfg.trainer`` and ``cfg.strategy``; ``trainer_kwargs`` (callbacks, logger...) win."""
     selection = select_devices(cfg.strategy, cfg.trainer.accelerator)
+    check_config(cfg, selection)
     strategy = build_strategy(cfg.strategy)
     if (strategy == "auto" or isinstance(strategy, SingleDeviceStrategy)) and len(selection) > 1:
         raise ValueError(

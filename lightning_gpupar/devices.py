@@ -229,6 +229,12 @@ def resolve_devices(
             f"Unknown accelerator {accelerator!r}. Valid: {', '.join(_ACCELERATORS)} "
             "(trainer.accelerator=cpu for CPU devices)."
         )
+    min_free_bytes = _min_free_bytes(min_free_memory)  # parsed everywhere, GPUs or not
+    if isinstance(default_cpu_count, bool) or not isinstance(default_cpu_count, int) or default_cpu_count < 1:
+        raise DeviceSelectionError(
+            f"cpu_fallback={default_cpu_count!r} (strategy.cpu_fallback): the number of CPU devices 'auto' "
+            "and 'cpu' mean without GPUs must be an int >= 1. Write e.g. strategy.cpu_fallback=2."
+        )
     request = _normalize(request)
     available = cuda_device_count()
     want_cpu = accelerator == "cpu" or (accelerator == "auto" and available == 0)
@@ -245,7 +251,7 @@ def resolve_devices(
             return _cpu(default_cpu_count if request == "auto" else int(request.split(":")[1]))
         _require_cuda(request, available)
         count = None if request == "auto" else int(request.split(":")[1])
-        return _cuda(_auto_gpu_ids(request, count, parse_bytes(min_free_memory), available))
+        return _cuda(_auto_gpu_ids(request, count, min_free_bytes, available))
     if isinstance(request, int):
         if want_cpu:
             if request < 1:
@@ -280,6 +286,21 @@ def resolve_devices(
             f"device_ids={ids}: no GPU with id {', '.join(map(str, unknown))}. {_visible_note(available)}"
         )
     return _cuda(ids)
+
+
+def _min_free_bytes(value: int | str) -> int:
+    """``min_free_memory`` in bytes, or an error naming the setting (it is checked on every machine)."""
+    try:
+        size = parse_bytes(value) if isinstance(value, int | str) and not isinstance(value, bool) else -1
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise DeviceSelectionError(
+            f"min_free_memory={value!r} (strategy.min_free_memory) is not a size: write a number >= 0 with "
+            f"a unit ({', '.join(u for u in _UNITS if u)}, any case), e.g. 512MiB, 10GiB or 1.5GB. It is "
+            "checked on every machine, also where there is no GPU to apply it to."
+        )
+    return size
 
 
 def _normalize(request: DeviceRequest) -> int | str | list[int]:

@@ -23,6 +23,7 @@ from lightning_gpupar.checkpoint.matching import (
     load_state_dict_flexible,
     remap_state_dict,
 )
+from lightning_gpupar.checkpoint.write_errors import CheckpointSaveError
 
 __all__ = [
     "WRAPPER_SEGMENTS",
@@ -30,6 +31,7 @@ __all__ = [
     "CanonicalCheckpointMixin",
     "CheckpointError",
     "CheckpointFileError",
+    "CheckpointSaveError",
     "KeyCollisionError",
     "LoadReport",
     "NormalizeCheckpointKeys",

@@ -2,7 +2,8 @@
 
 Writes go to a temporary file in the target's directory, are fsynced, then ``os.replace``d onto the
 target, so an exception or a kill mid-write leaves the previous file whole; the next successful save
-to that target removes the temporary files killed saves left behind. (Lightning's
+to that target removes the temporary files killed saves left behind (and only those: saves of the
+same target by other live processes are left alone). (Lightning's
 ``_atomic_save`` serialises into memory first, then writes the target in place, or through fsspec's
 local transaction, whose temporary file lives in the system temp dir and is moved over with a
 copy when that is another filesystem: a kill during that write truncates the old checkpoint.)
@@ -14,11 +15,11 @@ that say what is wrong with the file and what to do.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint.keys import CheckpointError
+from lightning_gpupar.checkpoint.tempfiles import remove_left_behind, temporary_prefix
+from lightning_gpupar.checkpoint.write_errors import (
+    CheckpointSaveError,
+    CountingWriter,
+    os_error_of,
+    save_error,
+)
 
 UNSAFE_HINT = (
     "Unpickling can run arbitrary code: opt in only for a file you trust, with weights_only=False "
@@ -47,22 +55,36 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 
 
 def atomic_write(path: _PATH, write: Callable[[Any], None]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it onto ``path``."""
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it onto ``path``.
+
+    Any number of processes may save the same ``path`` at once: each writes its own temporary file
+    (named after its pid and host), the last rename wins, and the clean-up after a save removes only
+    temporary files whose writer is gone (:mod:`~lightning_gpupar.checkpoint.tempfiles`). An ``OSError``
+    (a full disk included) raises :class:`CheckpointSaveError`, naming the target, the bytes written and
+    needed and the space free, with the previous file untouched and the temporary file removed.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _make_parent(target)
+    writer: CountingWriter | None = None
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            writer = CountingWriter(f)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _remove_stale_temporary_files(target)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        cause = os_error_of(err, writer) if isinstance(err, Exception) else None
+        if cause is None or isinstance(err, CheckpointSaveError):
+            raise
+        raise save_error(target, cause, writer.written if writer else 0, write) from err
+    remove_left_behind(target)
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
@@ -71,18 +93,18 @@ def atomic_write(path: _PATH, write: Callable[[Any], None]) -> None:
             os.close(dir_fd)
 
 
-def _remove_stale_temporary_files(target: Path) -> None:
-    """Delete what killed saves to ``target`` left behind (``mkstemp``'s ``.NAME.RANDOM.tmp`` files).
-
-    Runs after this save's own rename, so only other writers' files match: one process writes a
-    given checkpoint at a time (rank 0 in Lightning), so those are leftovers, not saves in flight.
-    ``RANDOM`` never holds a dot, so ``.NAME.bak.RANDOM.tmp`` (a save of ``NAME.bak``) is not one.
-    """
-    own = re.compile(rf"\.{re.escape(target.name)}\.[^.]+\.tmp")
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        if own.fullmatch(stale.name):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+def _make_parent(target: Path) -> None:
+    """Create ``target``'s folder; a file where a folder must be is named as such (not "File exists")."""
+    blocking = next((p for p in target.parents if p.exists() or p.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise CheckpointSaveError(
+            f"Cannot save {str(target)!r}: {str(blocking)!r} is a file, not a folder. "
+            "Choose a path under a folder, or move that file away."
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise save_error(target, err, 0, None) from err
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -164,11 +186,23 @@ def _globals_outside_the_allow_list(file: Path, err: BaseException) -> list[str]
     Only these mean "the file is fine but needs full unpickling": a corrupt, foreign or plain-pickle
     file also fails as "Weights only load failed", and must not be sent to unsafe unpickling.
     """
+    if not _is_torch_file(file):  # a plain pickle: unpickling it fully would not make it a checkpoint
+        return []
     try:
         listed = list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
     except Exception:  # not torch's zip format, or its pickle is broken: rely on torch's message
         listed = []
     return listed or _REFUSED_GLOBAL.findall(str(err))
+
+
+def _is_torch_file(file: Path) -> bool:
+    """Whether ``file`` is in one of ``torch.save``'s formats: a zip archive, or the legacy format, whose
+    first pickle is torch's magic number (a 10-byte ``LONG1``, near the start whatever the protocol)."""
+    if zipfile.is_zipfile(file):
+        return True
+    magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+    with file.open("rb") as f:
+        return magic in f.read(32)
 
 
 def _unsafe_message(file: Path, needed: list[str]) -> str:
@@ -182,6 +216,12 @@ def _unsafe_message(file: Path, needed: list[str]) -> str:
 def _file_error(file: Path, err: BaseException) -> CheckpointFileError:
     said = _UNPICKLER_SAID.search(str(err))
     reason = said.group(1).strip() if said else (str(err).splitlines() or [""])[0]
+    if file.stat().st_size and not _is_torch_file(file):  # torch's words would suggest allow-listing
+        return CheckpointFileError(
+            f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is in "
+            "neither of torch.save's formats (a zip archive, or the legacy format), e.g. a plain pickle or "
+            "another kind of file. Pass a file written by torch.save or a Lightning checkpoint."
+        )
     return CheckpointFileError(
         f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
         f"truncated, corrupted or another kind of file (a plain pickle is one). torch said: "

@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
+from lightning_gpupar.ddp_checks import check_backend, check_launch_environment, check_timeout
 from lightning_gpupar.strategies.launcher import DDPLaunchError, HydraAwareScriptLauncher
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,9 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         devices_per_process: int = 1,
         **kwargs: Any,
     ) -> None:
-        if isinstance(timeout, int | float):
-            timeout = timedelta(seconds=timeout)
+        timeout = check_timeout(timeout)
+        check_backend(process_group_backend)
+        check_launch_environment()
         self.devices_per_process = devices_per_process
         super().__init__(
             process_group_backend=process_group_backend,

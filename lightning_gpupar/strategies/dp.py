@@ -93,6 +93,8 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
             precision_plugin=precision_plugin,
         )
         self._output_device = output_device
+        if output_device is not None:
+            as_device(output_device)  # a misspelt device fails here, not at the first step
 
     # -- devices --------------------------------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         if self._output_device is None:
             return self.root_device
         wanted = self._output_device
-        device = torch.device("cuda", wanted) if isinstance(wanted, int) else torch.device(wanted)
+        device = as_device(wanted)
         if device not in self.devices:
             raise ValueError(
                 f"DataParallelStrategy(output_device={wanted!r}): {device} is not one of the chosen devices "
@@ -266,3 +268,21 @@ def _call_on_device(
 ) -> Any:
     inputs, kwargs = move_data_to_device(shard, device)
     return module(*inputs, **kwargs)
+
+
+def as_device(wanted: DeviceLike) -> torch.device:
+    """An ``output_device`` as a ``torch.device``: a CUDA index, ``"cuda:3"``, ``"cpu"`` or a device."""
+    if isinstance(wanted, bool) or (isinstance(wanted, int) and wanted < 0):
+        raise ValueError(
+            f"output_device={wanted!r} (strategy.output_device) is not a device: write a CUDA index >= 0, "
+            "'cuda:N' or 'cpu' (one of the chosen devices), or null for the first chosen device."
+        )
+    if isinstance(wanted, int):
+        return torch.device("cuda", wanted)
+    try:
+        return torch.device(wanted)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"output_device={wanted!r} (strategy.output_device) is not a device: write a CUDA index "
+            "(3), 'cuda:3' or 'cpu' (one of the chosen devices), or null for the first chosen device."
+        ) from None
