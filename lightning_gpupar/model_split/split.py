@@ -25,6 +25,7 @@ from lightning_gpupar.model_split.plan import (
     PlacementPlan,
     cuda_free_bytes,
     infer_stages,
+    parse_max_memory,
     plan_placement,
 )
 
@@ -83,6 +84,7 @@ class ModelSplit:
                 f"balance={self.balance!r}: write one of {', '.join(map(repr, BALANCES))} (what "
                 "placement='auto' balances over the devices: parameter bytes, or measured stage times)."
             )
+        parse_max_memory(self.max_memory)  # keys and sizes fail here, before any Trainer exists
         self.stages = list(self.stages) if self.stages is not None else None
         self.no_split = list(self.no_split or ())
 

@@ -20,11 +20,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from examples.checks import AppConfigError, validate_app_config
 from lightning_gpupar import DataParallelStrategy, DDPStrategy, ModelSplitStrategy
@@ -78,6 +80,7 @@ APP_ROWS: list[Any] = [
     ([*DDP], {"MASTER_PORT": "garbage"}, (), InstantiationException, "MASTER_PORT='garbage'"),
     (["model=mlp", "data=tokens"], {}, (), AppConfigError, "model=mlp reads flat 64-feature digits"),
     (["data.batch_size=0"], {}, (), AppConfigError, "data.batch_size=0"),
+    (["strategy=model_split", "strategy.max_memory={0:-5}"], {}, (), InstantiationException, "max_memory[0]"),
     (["trainer.accumulate_grad_batches=0"], {}, (), ConfigValueError, "trainer.accumulate_grad_batches=0"),
     # strategy and devices
     (["strategy=ddp", "strategy.min_free_memory=lots"], {}, (), DeviceSelectionError, "'lots'"),
@@ -295,6 +298,24 @@ def _wrong(value: object) -> Any:
 
 API_ROWS: list[Any] = [
     ("dp output_device=banana", lambda: DP(output_device="banana"), {}, ValueError, "output_device='banana'"),
+    # max_memory is checked when the strategy is built (its range once the devices are known)
+    ("split max_memory -5", lambda: SPLIT(max_memory={0: -5}), {}, PlacementError, "not a positive size"),
+    ("split max_memory lots", lambda: SPLIT(max_memory={0: "lots"}), {}, PlacementError, "'512MiB'"),
+    ("split max_memory True", lambda: SPLIT(max_memory={0: True}), {}, PlacementError, "not a positive size"),
+    (
+        "split max_memory key x",
+        lambda: SPLIT(max_memory={"x": "1GiB"}),
+        {},
+        PlacementError,
+        "device positions",
+    ),
+    (
+        "split max_memory key -1",
+        lambda: SPLIT(max_memory={-1: "1GiB"}),
+        {},
+        PlacementError,
+        "device positions",
+    ),
     ("dp output_device=-1", lambda: DP(output_device=-1), {}, ValueError, "a CUDA index >= 0"),
     ("dp output_device=True", lambda: DP(output_device=True), {}, ValueError, "output_device=True"),
     ("ddp timeout=-1", lambda: DDPS(timeout=-1), {}, DDPConfigError, "timeout=-1"),
@@ -498,3 +519,37 @@ def test_the_app_exits_1_with_the_message_before_training(
     assert done.returncode == 1, done.stderr[-3000:]
     assert phrase in done.stderr, done.stderr[-3000:]
     assert not (run_dir / "checkpoints").exists() and "Epoch 0" not in done.stdout + done.stderr
+
+
+# -- Placement inputs only the model can decide: refused in setup, before the first training step ----------
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        ({"max_memory": {0: "1KiB", 1: "1KiB"}}, "max_memory"),  # a cap the plan cannot meet
+        ({"no_split": ["NotAClass"]}, "NotAClass"),  # a class the model does not have
+        ({"placement": {"model.0": 0, "model.9": 1}}, "model.9"),  # a submodule the model does not have
+    ],
+    ids=["caps-too-small", "no_split-unknown-class", "placement-unknown-submodule"],
+)
+def test_placement_the_model_cannot_take_fails_before_the_first_step(
+    tmp_path: Path, options: dict[str, Any], phrase: str
+) -> None:
+    from tests.helpers.equivalence import TinyNet, make_data
+
+    module = TinyNet()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelSplitStrategy(**options),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(PlacementError) as info:
+        trainer.fit(module, DataLoader(make_data(), batch_size=8))
+    assert phrase in str(info.value), str(info.value)
+    assert trainer.global_step == 0
