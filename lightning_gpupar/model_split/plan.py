@@ -311,16 +311,22 @@ def _manual(
     return entries
 
 
-def parse_max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[int, int]:
-    """``max_memory`` as ``{position: bytes}``, checked without the devices: every key a device position
-    (an int or a digit string), every size a positive byte count or a size string."""
+def parse_max_memory(
+    max_memory: Mapping[Any, int | str] | None, devices: Sequence[torch.device] | None = None
+) -> dict[int, int]:
+    """``max_memory`` as ``{position: bytes}``: every key a device position (an int or a digit string; in
+    range when ``devices`` are known), every size a positive byte count or a size string."""
+    count = len(devices) if devices is not None else None
+    if devices is not None:
+        valid = f"positions 0..{len(devices) - 1} ({', '.join(map(str, devices))})"
+    else:
+        valid = "positions 0, 1, ... in the Trainer's devices"
     caps: dict[int, int] = {}
     for key, value in (max_memory or {}).items():
         pos = int(key) if isinstance(key, str) and key.strip().isdigit() else key
-        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < (count or pos + 1):
             raise PlacementError(
-                f"max_memory[{key!r}]: the keys are device positions (0, 1, ... in the Trainer's devices); "
-                f"{key!r} is not one."
+                f"max_memory[{key!r}]: the keys are device positions, {valid}; {key!r} is not one."
             )
         try:
             size = (
@@ -338,14 +344,9 @@ def parse_max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[int, in
 
 
 def _caps(max_memory: Mapping[Any, int | str] | None, devices: Sequence[torch.device]) -> list[float]:
-    """``max_memory`` as a cap per position; a key that is no position or a size that is not one fails."""
+    """``max_memory`` as a cap per position (``inf``: none)."""
     caps = [float("inf")] * len(devices)
-    valid = f"positions 0..{len(devices) - 1} ({', '.join(map(str, devices))})"
-    for pos, size in parse_max_memory(max_memory).items():
-        if pos >= len(devices):
-            raise PlacementError(
-                f"max_memory[{pos!r}]: the keys are device positions, {valid}; {pos!r} is not one."
-            )
+    for pos, size in parse_max_memory(max_memory, devices).items():
         caps[pos] = size
     return caps
 
