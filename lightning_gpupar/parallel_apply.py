@@ -35,14 +35,29 @@ def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.devic
     threads = [threading.Thread(target=work, args=(i,), name=f"gpupar-replica-{i}") for i in range(len(fns))]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    _join_all(threads)
     for i, error in enumerate(errors):
         if error is not None:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"(raised in data-parallel replica {i} on {devices[i]})")
             raise error
     return results
+
+
+def _join_all(threads: Sequence[threading.Thread]) -> None:
+    """Wait for every thread, also when Ctrl-C (KeyboardInterrupt) or another signal's exception arrives
+    during the wait: it is re-raised once all replicas have finished their step. Unwinding the main
+    thread while replicas still run torch ops can abort the process (``terminate called without an
+    active exception``) instead of Lightning's graceful shutdown."""
+    pending: BaseException | None = None
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except BaseException as error:  # a signal handler's exception; keep the first
+                pending = pending or error
+    if pending is not None:
+        raise pending
 
 
 def _capture_state() -> Callable[[], ExitStack]:

@@ -32,6 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_gpupar import signals
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.launchers import DDPLaunchError, HydraAwareScriptLauncher
 from lightning_gpupar.model_split import ModelSplit, SplitStrategyMixin
@@ -194,6 +195,7 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
         return None if self.is_split else super().determine_ddp_device_ids()
 
     def setup(self, trainer: pl.Trainer) -> None:
+        signals.install(trainer)  # SIGTERM reaches every rank and ends the run without a hang
         super().setup(trainer)
         if self.is_split and trainer.state.fn == TrainerFn.FITTING:
             self._optimizer_state_to_parameters()
@@ -203,6 +205,15 @@ class DDPStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, LightningDDPStra
             self._load_optimizer_states(checkpoint)
         else:
             super().load_optimizer_state_dict(checkpoint)
+
+    def barrier(self, name: str | None = None) -> None:
+        """Lightning's barrier, skipped once the run was interrupted (a signal, an error): a rank may be
+        gone then, and rank 0 saves its on-exception checkpoint alone (the weights are the same on every
+        rank)."""
+        trainer = getattr(self._lightning_module, "_trainer", None)
+        if trainer is not None and trainer.interrupted:
+            return
+        super().barrier(name)
 
     def on_train_start(self) -> None:
         super().on_train_start()
