@@ -37,7 +37,13 @@ def _assert_same_weights(got: Path, expected: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "checkpoints"),
-    [("single", MID_EPOCH), ("single", ()), ("dp", MID_EPOCH), ("model_split", MID_EPOCH), ("ddp", MID_EPOCH)],
+    [
+        ("single", MID_EPOCH),
+        ("single", ()),
+        ("dp", MID_EPOCH),
+        ("model_split", MID_EPOCH),
+        ("ddp", MID_EPOCH),
+    ],
     ids=["single-mid_epoch", "single-epoch_end", "dp-mid_epoch", "model_split-mid_epoch", "ddp-mid_epoch"],
 )
 def test_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
@@ -99,7 +105,7 @@ def test_resolve_ckpt_path(tmp_path: Path) -> None:
     )
     with pytest.raises(FileNotFoundError, match="is a directory"):
         resolve_ckpt_path(str(checkpoints), checkpoints)
-    with pytest.raises(FileNotFoundError, match="does not exist.*ckpt_path=last"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*ckpt_path=last"):
         resolve_ckpt_path(str(tmp_path / "x.ckpt"), checkpoints)
 
 
