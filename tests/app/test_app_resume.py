@@ -7,10 +7,13 @@ The killed run dies in the middle of an epoch (step 7 of 5-batch epochs). With
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig
 
 from examples.resume import EpochShuffleSampler, ResumableDataLoader, resolve_ckpt_path
 from tests.app.app_runs import STRATEGIES, finish, output, progress, start, weights
@@ -142,3 +145,14 @@ def test_each_epoch_has_its_own_order_whatever_came_before() -> None:
         orders.append(list(sampler))
     assert orders[1] == orders[2] != orders[0]
     assert sorted(orders[0]) == data
+
+
+def test_the_config_takes_ckpt_path_and_checkpoint_every_n_steps(
+    compose_app: Callable[..., DictConfig],
+) -> None:
+    defaults = compose_app()
+    assert defaults.ckpt_path is None and defaults.checkpoint_every_n_steps is None
+    cfg = compose_app("ckpt_path=last", "checkpoint_every_n_steps=50")
+    assert cfg.ckpt_path == "last" and cfg.checkpoint_every_n_steps == 50
+    with pytest.raises(ConfigCompositionException, match="checkpoint_every_n_steps"):
+        compose_app("checkpoint_every_n_steps=often")
