@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -96,7 +97,8 @@ class InterruptCheckpoint(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.training:
+        fitting = trainer.state.fn == TrainerFn.FITTING  # validation during fit too (a signal lands there)
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and fitting:
             trainer.save_checkpoint(self.path)
             if trainer.is_global_zero:
                 print(f"interrupted: checkpoint saved to {self.path}", flush=True)

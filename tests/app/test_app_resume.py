@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import MagicMock, call
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from examples.resume import EpochShuffleSampler, ResumableDataLoader, resolve_ckpt_path
+from examples.resume import EpochShuffleSampler, InterruptCheckpoint, ResumableDataLoader, resolve_ckpt_path
 from tests.app.app_runs import STRATEGIES, finish, output, progress, start, weights
 from tests.app.self_kill import KILL_AT_STEP_ENV
 
@@ -156,3 +159,24 @@ def test_the_config_takes_ckpt_path_and_checkpoint_every_n_steps(
     assert cfg.ckpt_path == "last" and cfg.checkpoint_every_n_steps == 50
     with pytest.raises(ConfigCompositionException, match="checkpoint_every_n_steps"):
         compose_app("checkpoint_every_n_steps=often")
+
+
+@pytest.mark.parametrize(
+    ("fn", "stage", "exception", "saved"),
+    [
+        (TrainerFn.FITTING, RunningStage.TRAINING, SIGTERMException(), True),
+        (TrainerFn.FITTING, RunningStage.VALIDATING, SIGTERMException(), True),  # a signal during validation
+        (TrainerFn.FITTING, RunningStage.TRAINING, KeyboardInterrupt(), True),
+        (TrainerFn.FITTING, RunningStage.TRAINING, ValueError("a bug"), False),  # its state may be broken
+        (TrainerFn.TESTING, RunningStage.TESTING, SIGTERMException(), False),  # nothing to resume
+    ],
+)
+def test_interrupt_checkpoint_saves_when_a_signal_stops_fit(
+    tmp_path: Path, fn: TrainerFn, stage: RunningStage, exception: BaseException, saved: bool
+) -> None:
+    trainer = MagicMock()
+    trainer.state.fn, trainer.state.stage = fn, stage
+    trainer.training = stage == RunningStage.TRAINING
+    InterruptCheckpoint(tmp_path).on_exception(trainer, MagicMock(), exception)
+    expected = [call(tmp_path / "last-interrupted.ckpt")] if saved else []
+    assert trainer.save_checkpoint.call_args_list == expected
