@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
+from examples.resume import EpochShuffleSampler, ResumableDataLoader
+
 
 class _SplitDataModule(pl.LightningDataModule):
     """Seeded train/val/test split of one in-memory dataset; subclasses provide ``make_dataset``."""
@@ -39,10 +41,10 @@ class _SplitDataModule(pl.LightningDataModule):
             dataset, [n - n_val - n_test, n_val, n_test], generator=generator
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         assert self.train_set is not None
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+        sampler = EpochShuffleSampler(self.train_set, seed=self.seed)  # resumes in the same order
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None

@@ -68,7 +68,11 @@ class TokensDataConfig:
 
 @dataclass
 class AppConfig:
-    """Top level: what to train, on what, how; ``seed`` seeds everything; ``test`` runs the test set."""
+    """Top level: what to train, on what, how; ``seed`` seeds everything; ``test`` runs the test set.
+
+    ``ckpt_path`` continues a run: ``last`` (this run directory's newest checkpoint; none yet: start
+    fresh) or a checkpoint file. ``checkpoint_every_n_steps`` also saves ``last.ckpt`` mid-epoch.
+    """
 
     model: Any = MISSING
     data: Any = MISSING
@@ -77,6 +81,8 @@ class AppConfig:
     seed: int = 0
     test: bool = True
     monitor: str = "val_loss"
+    ckpt_path: str | None = None
+    checkpoint_every_n_steps: int | None = None
 
 
 def register_app_configs() -> None:

@@ -11,6 +11,7 @@ checkpoint's path are printed.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -20,33 +21,47 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_gpupar  # noqa: F401  (registers our strategies)
 from examples.checks import validate_app_config
+from examples.resume import InterruptCheckpoint, resolve_ckpt_path
 from examples.schema import register_app_configs
 from lightning_gpupar.config import build_trainer
 
 register_app_configs()
+#: The shell's status for a process ended by SIGTERM (128 + 15), which schedulers read as "terminated".
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     """Fit, test, and return the test metrics (plus the best checkpoint's path, as ``best_ckpt``)."""
+    checkpoint_dir = output_dir / "checkpoints"
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir)  # a wrong path fails before training
     pl.seed_everything(cfg.seed, workers=True)
     log.info("model config (every rank logs the one it trains):\n%s", OmegaConf.to_yaml(cfg.model).strip())
     model = instantiate(cfg.model, _convert_="all")
     data = instantiate(cfg.data)
-    checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", monitor=cfg.monitor, mode="min", save_last=True
-    )
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor=cfg.monitor, mode="min", save_last=True)
+    callbacks: list[Callback] = [checkpoint, InterruptCheckpoint(checkpoint_dir)]
+    if cfg.checkpoint_every_n_steps:  # last.ckpt mid-epoch too; the data loader resumes where it was
+        every_n = ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            every_n_train_steps=cfg.checkpoint_every_n_steps,
+            save_top_k=0,
+            save_last=True,
+        )
+        every_n.CHECKPOINT_NAME_LAST = "last-step"  # ckpt_path=last takes the newer of last*.ckpt
+        callbacks.append(every_n)
     trainer = build_trainer(
         cfg,
         default_root_dir=str(output_dir),
         logger=CSVLogger(str(output_dir), name="logs"),
-        callbacks=[checkpoint],
+        callbacks=callbacks,
     )
     if trainer.is_global_zero:
         devices = ", ".join(
@@ -54,7 +69,10 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             for d in getattr(trainer.strategy, "parallel_devices", None) or [trainer.strategy.root_device]
         )
         print(f"strategy: {type(trainer.strategy).__name__} on {devices}")
-    trainer.fit(model, datamodule=data)
+    if ckpt_path is not None and trainer.is_global_zero:
+        where = f" (the newest last*.ckpt in {checkpoint_dir})" if ckpt_path == "last" else ""
+        print(f"resuming from: {ckpt_path}{where}")
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     metrics: dict[str, float] = {}
     if cfg.test:
         (results,) = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
@@ -69,7 +87,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     validate_app_config(cfg)  # the model, data and app keys; build_trainer checks strategy and trainer
-    metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except SIGTERMException:  # Lightning's is a SystemExit with status 0: a scheduler would see success
+        log.warning("Stopped by SIGTERM; continue with ckpt_path=last. Exit status %d.", SIGTERM_EXIT_STATUS)
+        sys.exit(SIGTERM_EXIT_STATUS)
     return metrics.get("test_acc")  # the value a sweeper would optimise
 
 

@@ -7,6 +7,7 @@ CUDA, makes its device current). One callable runs inline, without a thread.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -37,16 +38,53 @@ def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.devic
             errors[i] = error
 
     threads = [threading.Thread(target=work, args=(i,), name=f"gpupar-replica-{i}") for i in range(len(fns))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with _sigint_deferred():  # Ctrl-C while replicas run is raised once they have all ended
+        for thread in threads:
+            thread.start()
+        _join_all(threads)
     for i, error in enumerate(errors):
         if error is not None:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"(raised in data-parallel replica {i} on {devices[i]})")
             raise error
     return results
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Python's Ctrl-C (``KeyboardInterrupt``) until the block ends, then raise it.
+
+    Unwinding the main thread while replica threads still run torch ops (Lightning's graceful shutdown,
+    then interpreter exit) could abort the process with ``terminate called without an active exception``.
+    Only Python's default SIGINT handler is deferred, and only in the main thread (where handlers run).
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _join_all(threads: Sequence[threading.Thread]) -> None:
+    """Wait for every thread, also when a signal handler's exception arrives during the wait: it is
+    re-raised once all replicas have finished their step."""
+    pending: BaseException | None = None
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except BaseException as error:  # a signal handler's exception; keep the first
+                pending = pending or error
+    if pending is not None:
+        raise pending
 
 
 def _capture_state() -> Callable[[], ExitStack]:

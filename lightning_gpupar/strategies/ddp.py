@@ -25,10 +25,12 @@ import logging
 from datetime import timedelta
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from typing_extensions import override
 
+from lightning_gpupar import signals
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.ddp_checks import check_backend, check_launch_environment, check_timeout
 from lightning_gpupar.strategies.launcher import DDPLaunchError, HydraAwareScriptLauncher
@@ -121,6 +123,25 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
     def process_devices(self) -> list[torch.device]:
         """The devices this process trains on: its one device (a group of them under ``ddp_split``)."""
         return [self.root_device]
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        signals.install(trainer)  # SIGTERM reaches every rank and ends the run without a hang
+        super().setup(trainer)
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        """Lightning's barrier, skipped once the run was interrupted (see :meth:`run_interrupted`)."""
+        if not self.run_interrupted:
+            super().barrier(name)
+
+    @property
+    def run_interrupted(self) -> bool:
+        """Whether the run was interrupted (a signal, an error): a rank may be gone then, so barriers are
+        skipped, and rank 0 saves its on-exception checkpoint alone (the weights are the same on every
+        rank)."""
+        trainer = getattr(self._lightning_module, "_trainer", None)
+        return trainer is not None and trainer.interrupted
 
     @override
     def _configure_launcher(self) -> None:

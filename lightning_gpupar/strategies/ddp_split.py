@@ -219,6 +219,8 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         """Under NCCL, a barrier on this process's output device (named: the group is unbound, and NCCL
         would otherwise guess a device from the rank)."""
+        if self.run_interrupted:
+            return
         if not _distributed_is_initialized():
             super().barrier(*args, **kwargs)
         elif torch.distributed.get_backend() == "nccl":

@@ -35,6 +35,7 @@ from typing import Any
 import torch.distributed
 from lightning.fabric.plugins.environments import ClusterEnvironment, LightningEnvironment
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_gpupar.devices import AUTO_IDS_ENV, LAUNCHER_PID_ENV
 
@@ -97,6 +98,7 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
     ) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self.devices = list(devices or [])
+        self._signalled: list[subprocess.Popen] = []  # children taken out of the observer on a signal
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         """Check the process layout, start this node's other ranks, then run ``function`` here."""
@@ -107,14 +109,26 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
             check(function, *args)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
-        except BaseException:
+        except BaseException as error:
             # Out of the process observer's sight first: on a child's non-zero exit it SIGKILLs this
             # process, which would cut short rank 0's own error and this report.
-            children = list(self.procs)
-            self.procs.clear()
-            _report_failed_children(children, self.cluster_environment.node_rank() * self.num_processes)
+            self.stop_observing()
+            children = list(self._signalled)
+            if not isinstance(
+                error, (KeyboardInterrupt, SIGTERMException)
+            ):  # a signal, not a child, ended it
+                _report_failed_children(children, self.cluster_environment.node_rank() * self.num_processes)
             _kill(children)
             raise
+
+    def stop_observing(self) -> list[subprocess.Popen]:
+        """Take the children out of Lightning's process observer (they are stopping on a signal, and a
+        non-zero exit must not SIGKILL this process while it saves) and return them; rank 0 still reaps
+        them when its own run ends."""
+        children = list(self.procs)
+        self.procs.clear()
+        self._signalled.extend(children)
+        return children
 
     def _check_process_layout(self) -> None:
         """Fail before any process group exists when the processes cannot match the devices."""
