@@ -33,9 +33,9 @@ from lightning_gpupar import DataParallelStrategy, DDPStrategy, ModelSplitStrate
 from lightning_gpupar.cli import ckpt, devices
 from lightning_gpupar.config import build_trainer
 from lightning_gpupar.config_checks import ConfigValueError
-from lightning_gpupar.ddp_checks import DDPConfigError
 from lightning_gpupar.devices import AUTO_IDS_ENV, DeviceSelectionError, GPUInfo, resolve_devices
 from lightning_gpupar.model_split import PlacementError
+from lightning_gpupar.strategies.ddp_checks import DDPConfigError
 from lightning_gpupar.strategies.launcher import DDPLaunchError
 
 ROOT = Path(__file__).resolve().parents[2]
