@@ -30,7 +30,7 @@ def check_config(cfg: DictConfig, selection: DeviceSelection) -> None:
 
 
 def strategy_kind(strategy_cfg: DictConfig) -> str:
-    """``single``, ``dp``, ``split``, ``ddp`` or ``ddp_split``: what the config's ``_target_`` builds."""
+    """``single``, ``dp``, ``model_split``, ``ddp`` or ``ddp_split``: what the ``_target_`` builds."""
     from lightning_gpupar.strategies.ddp import DDPStrategy
     from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy
     from lightning_gpupar.strategies.dp import DataParallelStrategy
@@ -47,7 +47,7 @@ def strategy_kind(strategy_cfg: DictConfig) -> str:
     if issubclass(cls, DataParallelStrategy):
         return "dp"
     if issubclass(cls, ModelSplitStrategy):
-        return "split"
+        return "model_split"
     return "single"
 
 
@@ -71,7 +71,7 @@ def check_trainer(trainer_cfg: DictConfig, kind: str) -> None:
             "(Lightning would take any other value as true). Write e.g. trainer.deterministic=true."
         )
     nodes = trainer_cfg.get("num_nodes", 1)
-    if isinstance(nodes, int) and nodes > 1 and kind in ("single", "dp", "split"):
+    if isinstance(nodes, int) and nodes > 1 and kind in ("single", "dp", "model_split"):
         raise ConfigValueError(
             f"trainer.num_nodes={nodes}, but strategy={kind} runs in one process on one machine, so "
             "the other nodes would never be used. Use strategy=ddp (or ddp_split) for several nodes, or "

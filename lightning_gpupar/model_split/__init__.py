@@ -4,8 +4,12 @@ The layers, each its own module, in the order a split is made:
 
 - :mod:`~.paths`: submodule paths, ``ModuleList`` ranges, walks of the module tree;
 - :mod:`~.plan`: which submodule goes on which device (a map, or ``"auto"``), computed before anything moves;
+  for ``"auto"``, :mod:`~.auto` walks the tree and partitions it, :mod:`~.memory` counts the training memory,
+  :mod:`~.balance` times the stages (``balance="time"``), :mod:`~.table` renders the plan and
+  :mod:`~.handoff` hands it to DDP ranks;
 - :mod:`~.hooks`: apply a plan: move the submodules, hook the moves of activations;
-- :mod:`~.chain_check` and :mod:`~.pipeline`: the GPipe micro-batch schedule over a chain of stages;
+- :mod:`~.chain_check` and :mod:`~.pipeline`: the GPipe micro-batch schedule over a chain of stages, with
+  :mod:`~.batchnorm` (BatchNorm statistics deferred to once per step) and :mod:`~.trace` (the schedule drawn);
 - :mod:`~.split`: :class:`ModelSplit`, the user's options applied to a module and a device list.
 
 The Lightning strategies on top: :mod:`lightning_gpupar.strategies.model_split` (one process) and

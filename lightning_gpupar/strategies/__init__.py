@@ -11,7 +11,7 @@ registry / Hydra    class                          file
 ==================  =============================  ==========================================
 
 Shared pieces: ``_single_process.py`` (the base of dp and model_split), ``split_mixin.py`` (model_split and
-ddp_split), ``launcher.py`` (ddp and ddp_split).
+ddp_split), ``launcher.py``, ``signals.py`` and ``ddp_checks.py`` (ddp and ddp_split).
 """
 
 from typing import Any, NamedTuple

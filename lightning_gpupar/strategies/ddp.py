@@ -30,9 +30,9 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from typing_extensions import override
 
-from lightning_gpupar import signals
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
-from lightning_gpupar.ddp_checks import check_backend, check_launch_environment, check_timeout
+from lightning_gpupar.strategies import signals
+from lightning_gpupar.strategies.ddp_checks import check_backend, check_launch_environment, check_timeout
 from lightning_gpupar.strategies.launcher import DDPLaunchError, HydraAwareScriptLauncher
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ from lightning_gpupar import DataParallelStrategy, DDPStrategy, ModelSplitStrate
 from lightning_gpupar.cli import ckpt, devices
 from lightning_gpupar.config import build_trainer
 from lightning_gpupar.config_checks import ConfigValueError
-from lightning_gpupar.ddp_checks import DDPConfigError
 from lightning_gpupar.devices import AUTO_IDS_ENV, DeviceSelectionError, GPUInfo, resolve_devices
 from lightning_gpupar.model_split import PlacementError
+from lightning_gpupar.strategies.ddp_checks import DDPConfigError
 from lightning_gpupar.strategies.launcher import DDPLaunchError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,11 +113,11 @@ APP_ROWS: list[Any] = [
         InstantiationException,
         "outside a process's own group",
     ),
-    (["strategy=split", "strategy.chunks=0"], {}, (), InstantiationException, "chunks=0"),
-    (["strategy=split", "strategy.placement=42"], {}, (), InstantiationException, "placement=42"),
+    (["strategy=model_split", "strategy.chunks=0"], {}, (), InstantiationException, "chunks=0"),
+    (["strategy=model_split", "strategy.placement=42"], {}, (), InstantiationException, "placement=42"),
     (["strategy=single", "strategy.device_ids=2"], {}, (), ValueError, "strategy=single runs on one device"),
     (["strategy=single", "trainer.num_nodes=2"], {}, (), ConfigValueError, "strategy=single runs in one"),
-    (["strategy=split", "trainer.num_nodes=3"], {}, (), ConfigValueError, "strategy=split runs in one"),
+    (["strategy=split", "trainer.num_nodes=3"], {}, (), ConfigValueError, "strategy=model_split runs in one"),
     (["strategy.device_ids=banana"], {}, (), DeviceSelectionError, "is not a device request"),
     (["strategy.device_ids=[]"], {}, (), DeviceSelectionError, "is empty"),
     (["strategy.device_ids=0"], {}, (), DeviceSelectionError, "a CPU device count must be >= 1"),
