@@ -24,6 +24,13 @@ def test_without_a_gpu_it_says_so_and_exits_non_zero() -> None:
 
 
 def test_make_gpu_check_runs_the_script() -> None:
-    done = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # --no-print-directory: under `make test` this make is a sub-make, which would add "Leaving directory"
+    done = subprocess.run(
+        ["make", "-n", "--no-print-directory", "gpu-check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "benchmarks/gpu_check.py" in done.stdout.splitlines()[-1]

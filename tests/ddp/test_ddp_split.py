@@ -23,9 +23,10 @@ from lightning_gpupar.model_split import PlacementError
 from lightning_gpupar.strategies.launcher import DDPLaunchError
 from tests.helpers.equivalence import TinyNet, make_data
 from tests.helpers.programs.in_process import in_process_ddp
+from tests.helpers.trainer import QUIET as QUIET_TRAINER
 
 Compose = Callable[..., DictConfig]
-QUIET: dict[str, Any] = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1)
+QUIET: dict[str, Any] = {**QUIET_TRAINER, "max_steps": 1}
 
 
 def test_registered_name_gives_groups_of_two(fake_gpus: Callable[..., list[GPUInfo]]) -> None:

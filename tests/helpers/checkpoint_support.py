@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.helpers.trainer import QUIET
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -133,10 +135,4 @@ def loader() -> DataLoader:
 
 
 def quiet_trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
-    return {
-        "default_root_dir": tmp_path,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-    }
+    return {**QUIET, "default_root_dir": tmp_path}

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import lightning_gpupar  # noqa: F401  (registers our strategy names)
+from tests.helpers.trainer import TRAINING_ONLY
 
 Batch = dict[str, Tensor]
 
@@ -97,17 +98,7 @@ def batches(case: Case, n: int = 7, steps: int = 2) -> list[Batch]:
 def fit(case: Case, steps: int = 2, shards: int = 1, **trainer_kwargs: Any) -> CaseModule:
     """Train ``case`` for ``steps`` SGD steps on the CPU with ``trainer_kwargs`` (strategy, devices, ...)."""
     module = CaseModule(case, shards=shards)
-    kwargs: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    kwargs: dict[str, Any] = {**TRAINING_ONLY, "accelerator": "cpu", "devices": 1, "max_steps": steps}
     kwargs.update(trainer_kwargs)
     pl.Trainer(**kwargs).fit(module, DataLoader(batches(case, steps=steps), batch_size=None))  # type: ignore[arg-type]
     return module

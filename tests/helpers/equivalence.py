@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gpupar  # noqa: F401  (registers our strategy names)
+from tests.helpers.trainer import TRAINING_ONLY
 
 
 def make_data(n: int = 64, features: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:
@@ -100,16 +101,7 @@ def run(
     """Fit ``module`` (default TinyNet) on the CPU with ``trainer_kwargs`` (strategy, devices, ...)."""
     module = module or TinyNet()
     data = make_data(n)
-    kwargs: dict[str, Any] = dict(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    kwargs: dict[str, Any] = {**TRAINING_ONLY, "accelerator": "cpu", "max_steps": max_steps}
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(**kwargs)
     trainer.fit(module, DataLoader(data, batch_size=batch_size), DataLoader(data, batch_size=batch_size))
