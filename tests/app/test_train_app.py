@@ -47,14 +47,15 @@ def test_the_default_demo_run_reaches_95_percent_with_two_cpu_replicas(tmp_path:
     assert float(accuracy.removeprefix("test_acc: ")) >= 0.95, result.stdout
 
 
+#: The example transformer, small enough for a test run: 2 layers, 256 samples, one epoch.
+TINY_TRANSFORMER = ("model=transformer", "model.num_layers=2", "data.num_samples=256", "trainer.max_epochs=1")
+
+
 @pytest.mark.slow
 def test_app_trains_the_transformer(tmp_path: Path) -> None:
     result = run_app(
         tmp_path,
-        "model=transformer",
-        "model.num_layers=2",
-        "data.num_samples=256",
-        "trainer.max_epochs=1",
+        *TINY_TRANSFORMER,
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
     )
@@ -95,10 +96,7 @@ def test_digits_splits_are_seeded() -> None:
 def test_app_pipelines_the_transformer_traced(tmp_path: Path) -> None:
     result = run_app(
         tmp_path,
-        "model=transformer",
-        "model.num_layers=2",
-        "data.num_samples=256",
-        "trainer.max_epochs=1",
+        *TINY_TRANSFORMER,
         "trainer.limit_train_batches=5",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
