@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.fabric.accelerators.cuda
 import lightning.pytorch.accelerators.cuda
@@ -18,6 +21,28 @@ from lightning_gpupar.devices import GPUInfo
 from tests.helpers.markers import GiB
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_python(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked ``slow`` may not start a Python interpreter (each costs seconds of imports).
+
+    That keeps ``make test-fast`` (``-m 'not slow'``) the quick edit loop it promises; small system
+    tools (``make -n``, ``mount``) stay allowed.
+    """
+    if request.node.get_closest_marker("slow"):
+        return
+    start = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **options: Any) -> None:
+        program = str(args[0] if isinstance(args, list | tuple) else args).split()[0]
+        if program == sys.executable or Path(program).name.startswith("python"):
+            raise AssertionError(
+                f"{request.node.nodeid} starts a Python subprocess ({program}): mark it @pytest.mark.slow"
+            )
+        start(self, args, *rest, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 @pytest.fixture

@@ -262,6 +262,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+@pytest.mark.slow  # each row composes the whole app config with Hydra (about 0.2 s a row)
 @pytest.mark.parametrize(
     ("overrides", "env", "gpus", "error", "phrase"), APP_ROWS, ids=list(map(_row_id, APP_ROWS))
 )

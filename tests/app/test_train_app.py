@@ -62,6 +62,7 @@ def test_app_trains_the_transformer(tmp_path: Path) -> None:
     assert "test_acc:" in result.stdout
 
 
+@pytest.mark.slow
 def test_app_rejects_an_unknown_strategy_with_the_options(tmp_path: Path) -> None:
     cmd = [
         sys.executable,

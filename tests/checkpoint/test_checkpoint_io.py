@@ -54,6 +54,7 @@ def test_an_exception_mid_save_leaves_the_previous_checkpoint(previous: Path) ->
     assert [p.name for p in previous.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_large_checkpoint_leaves_the_previous_one(previous: Path) -> None:
     code = (
         "import sys, torch; from lightning_gpupar.checkpoint import AtomicCheckpointIO; "

@@ -63,6 +63,7 @@ def test_network_weights_load_into_the_lightning_module_and_back() -> None:
     assert_same_weights(back, net)
 
 
+@pytest.mark.slow
 def test_ddp_state_dict_from_two_gloo_processes_loads(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     script = PROGRAMS / "checkpoint_ddp_save.py"

@@ -64,6 +64,7 @@ def test_inspect_shows_keys_shapes_wrappers_and_metadata(
     assert "submodules: model, model.0" in shown
 
 
+@pytest.mark.slow
 def test_console_script_runs(run_ckpt: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lightning_gpupar.cli.ckpt", "inspect", str(run_ckpt)],

@@ -26,6 +26,8 @@ from lightning_gpupar.checkpoint import load_checkpoint_file, normalize_state_di
 from tests.helpers.checkpoint_support import ChainModule, app_trainer_kwargs, loader, quiet_trainer_kwargs
 from tests.helpers.programs.in_process import in_process_ddp
 
+pytestmark = pytest.mark.slow  # every pair trains, saves and resumes a Trainer end to end
+
 #: The TransformerNet example's manual placement, on the matrix's network.
 PLACEMENT = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
 

@@ -12,6 +12,7 @@ from lightning_gpupar.cli import devices as cli
 from lightning_gpupar.devices import GPUInfo, GPUInventory
 
 
+@pytest.mark.slow
 def test_without_cuda_says_so_and_offers_cpu_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     result = subprocess.run(
