@@ -61,7 +61,7 @@ def main() -> None:
         kwargs.setdefault("accelerator", accelerator)
         return lambda: fit_step_times(Net(args.width), loader, args.steps, **kwargs)
 
-    medians = interleaved(
+    per_round = interleaved(
         {
             "lightning single device": variant(devices=1),
             "dp, 1 device": variant(strategy="dp", devices=1),
@@ -72,7 +72,7 @@ def main() -> None:
     )
     report(
         f"DataParallelStrategy, batch {args.batch}, MLP width {args.width}",
-        medians,
+        per_round,
         {
             "dp 1 device / single (target <= 1.03)": ("dp, 1 device", "lightning single device"),
             "dp 2 CPU replicas / 1 CPU device": ("dp, 2 CPU replicas", "lightning single device (CPU)"),

@@ -1,7 +1,8 @@
 """Shared pieces of the benchmark scripts: step timing inside Lightning, and the machine's description.
 
-Each script measures its variants side by side in one run, interleaved (A, B, A, B, ...), and reports the
-median step time of each and their ratios, so a busy machine slows every variant alike.
+Each script measures its variants side by side in one run, interleaved (A, B, B, A, ...), and reports the
+median step time of each and their ratios, each ratio the median of the ratios within one round, so a busy
+machine slows every variant alike.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import os
 import platform
 import re
 import statistics
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,38 +62,65 @@ def fit_step_times(module: pl.LightningModule, loader: Any, steps: int, **traine
     return timer.times
 
 
-def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, float]:
-    """Median step time of each variant over ``rounds`` interleaved runs."""
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, measure in variants.items():
-            samples[name].extend(measure())
-    return {name: statistics.median(times) for name, times in samples.items()}
+#: The median step seconds of each variant in each round: ``{variant: [round 1, round 2, ...]}``.
+Rounds = dict[str, list[float]]
+
+
+def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> Rounds:
+    """Run every variant once per round, alternating the order (A B C, C B A, ...); keep each run's median.
+
+    Ratios are then taken within a round (:func:`paired_ratio`), so the machine's speed drifting between
+    rounds (other tenants, frequency) cancels instead of landing on whichever variant ran then.
+    """
+    per_round: Rounds = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            per_round[name].append(statistics.median(variants[name]()))
+    return per_round
+
+
+def paired_ratio(per_round: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> list[float]:
+    """``numerator / denominator`` in each round, sorted."""
+    pairs = zip(per_round[numerator], per_round[denominator], strict=True)
+    return sorted(num / den for num, den in pairs)
 
 
 def machine() -> str:
     """One line naming the machine the numbers came from."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
+        f"({torch.get_num_threads()} torch threads), {gpu}, "
         f"torch {torch.__version__}, lightning {pl.__version__}, Python {platform.python_version()}"
     )
 
 
 def report(
-    title: str, medians: dict[str, float], ratios: dict[str, tuple[str, str]], name: str | None = None
+    title: str,
+    per_round: Mapping[str, float | Sequence[float]],
+    ratios: dict[str, tuple[str, str]],
+    name: str | None = None,
 ) -> None:
-    """Print the medians and the requested ratios (``name: (numerator, denominator)``); with ``name``,
-    also write ``results/NAME.csv`` and its chart (:func:`save_results`)."""
+    """Print each variant's median step time and the requested ratios (``name: (numerator, denominator)``),
+    each the median of its per-round ratios with their range; with ``name``, also write
+    ``results/NAME.csv`` and its chart (:func:`save_results`). A plain float is a variant's one round."""
+    rounds = {v: [t] if isinstance(t, float | int) else list(t) for v, t in per_round.items()}
     print(f"\n## {title}\nmachine: {machine()}")
-    for variant, seconds in medians.items():
-        print(f"  {variant:<40} {seconds * 1e3:9.2f} ms/step")
-    values = {ratio: medians[num] / medians[den] for ratio, (num, den) in ratios.items()}
+    for variant, times in rounds.items():
+        print(f"  {variant:<40} {statistics.median(times) * 1e3:9.2f} ms/step")
+    spreads = {ratio: paired_ratio(rounds, num, den) for ratio, (num, den) in ratios.items()}
+    values = {ratio: statistics.median(spread) for ratio, spread in spreads.items()}
     for ratio, value in values.items():
-        print(f"  ratio {ratio:<34} {value:9.3f}")
+        low, high = spreads[ratio][0], spreads[ratio][-1]
+        rounds_text = f"  ({len(spreads[ratio])} rounds: {low:.3f} .. {high:.3f})" if high > low else ""
+        print(f"  ratio {ratio:<34} {value:9.3f}{rounds_text}")
     if name is not None:
-        rows = [("ms/step", variant, round(seconds * 1e3, 3)) for variant, seconds in medians.items()]
-        for path in save_results(name, title, rows, values):
+        rows = [("ms/step", v, round(statistics.median(t) * 1e3, 3)) for v, t in rounds.items()]
+        rows += [("ratio lowest round", r, round(spread[0], 4)) for r, spread in spreads.items()]
+        rows += [("ratio highest round", r, round(spread[-1], 4)) for r, spread in spreads.items()]
+        ranges = {r: (spread[0], spread[-1]) for r, spread in spreads.items()}
+        for path in save_results(name, title, rows, values, ranges=ranges):
             if path is not None:
                 print(f"  written: {path}")
 
@@ -106,10 +135,16 @@ def target_of(name: str) -> tuple[str, float] | None:
 
 
 def save_results(
-    name: str, title: str, rows: list[tuple[str, str, float]], ratios: dict[str, float], chart: bool = True
+    name: str,
+    title: str,
+    rows: list[tuple[str, str, float]],
+    ratios: dict[str, float],
+    chart: bool = True,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[Path, Path | None]:
     """Write ``results/NAME.csv`` (machine line first, then ``kind,name,value`` rows) and a PNG chart of
-    the ratios with their targets drawn; returns both paths (``None`` for the chart without matplotlib)."""
+    the ratios with their targets drawn (and, given ``ranges``, each ratio's lowest and highest round as a
+    whisker); returns both paths (``None`` for the chart without matplotlib)."""
     RESULTS.mkdir(exist_ok=True)
     csv_path = RESULTS / f"{name}.csv"
     with csv_path.open("w", newline="") as handle:
@@ -118,7 +153,7 @@ def save_results(
         writer.writerow(["kind", "name", "value"])
         writer.writerows(rows)
         writer.writerows(("ratio", ratio, f"{value:.4f}") for ratio, value in ratios.items())
-    return csv_path, _chart(RESULTS / f"{name}.png", title, ratios) if chart else None
+    return csv_path, _chart(RESULTS / f"{name}.png", title, ratios, ranges or {}) if chart else None
 
 
 def pyplot() -> Any:
@@ -134,16 +169,21 @@ def pyplot() -> Any:
     return plt
 
 
-def _chart(path: Path, title: str, ratios: dict[str, float]) -> Path | None:
+def _chart(
+    path: Path, title: str, ratios: dict[str, float], ranges: dict[str, tuple[float, float]]
+) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
     names = list(ratios)
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5), dpi=80)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.6), dpi=80)
     rows = range(len(names))
     ax.barh(rows, [ratios[n] for n in names], color="#4c72b0")
     for row, ratio_name in zip(rows, names, strict=True):
-        ax.text(ratios[ratio_name], row, f" {ratios[ratio_name]:.3f}", va="center", fontsize=8)
+        if ratio_name in ranges:  # the rounds' spread: how far one round's ratio strays
+            ax.plot(list(ranges[ratio_name]), [row, row], color="black", linewidth=1)
+        right = max(ratios[ratio_name], ranges.get(ratio_name, (0.0, 0.0))[1])
+        ax.text(right, row, f" {ratios[ratio_name]:.3f}", va="center", fontsize=8)
         target = target_of(ratio_name)
         if target is not None:
             ax.plot([target[1]] * 2, [row - 0.45, row + 0.45], color="red", linewidth=2)
@@ -151,8 +191,9 @@ def _chart(path: Path, title: str, ratios: dict[str, float]) -> Path | None:
     ax.set_yticks(list(rows))
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("ratio against its baseline (red: the target)")
-    ax.set_title(title, fontsize=9)
+    whiskers = ", black: lowest to highest round" if ranges else ""
+    ax.set_xlabel(f"ratio against its baseline (red: the target{whiskers})", fontsize=8)
+    ax.set_title(textwrap.fill(title, 60), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -46,7 +46,7 @@ class EpochShuffleSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()  # type: ignore[arg-type]
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class ResumableDataLoader(DataLoader):
