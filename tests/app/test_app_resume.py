@@ -32,6 +32,15 @@ def _run(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> i
     return finish(proc, RUN_BOUND_S, run_dir)[0]
 
 
+def _reference_and_killed_run(reference: Path, run: Path, *overrides: str) -> None:
+    """The uninterrupted run and the run killed at step 7, side by side (two runs of one machine, as users
+    start them; each is a process of its own, so the results cannot mix)."""
+    uninterrupted = start(reference, *KILLED_RUN, *overrides)
+    killed = start(run, *KILLED_RUN, *overrides, env={KILL_AT_STEP_ENV: "7"})
+    assert finish(killed, RUN_BOUND_S, run)[0] == -9, output(run)[-3000:]
+    assert finish(uninterrupted, RUN_BOUND_S, reference)[0] == 0, output(reference)[-3000:]
+
+
 def _assert_same_weights(got: Path, expected: Path) -> None:
     assert progress(got) == progress(expected)
     got_weights, expected_weights = weights(got), weights(expected)
@@ -57,9 +66,7 @@ def test_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
 ) -> None:
     overrides = (*STRATEGIES[strategy], *checkpoints)
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert _run(reference, *overrides) == 0, output(reference)[-3000:]
-
-    assert _run(run, *overrides, env={KILL_AT_STEP_ENV: "7"}) == -9, output(run)[-3000:]
+    _reference_and_killed_run(reference, run, *overrides)
     newest = run / "checkpoints" / ("last-step.ckpt" if checkpoints else "last.ckpt")
     assert progress(newest) == ((1, 6) if checkpoints else (0, 5))  # epoch 1 is unfinished
 
@@ -72,8 +79,7 @@ def test_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
 def test_a_dp_run_resumes_under_single(tmp_path: Path) -> None:
     """Same data order (both one process), so the result is the dp run's within float tolerance."""
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert _run(reference, *STRATEGIES["dp"], *MID_EPOCH) == 0, output(reference)[-3000:]
-    assert _run(run, *STRATEGIES["dp"], *MID_EPOCH, env={KILL_AT_STEP_ENV: "7"}) == -9
+    _reference_and_killed_run(reference, run, *STRATEGIES["dp"], *MID_EPOCH)
     assert _run(run, *STRATEGIES["single"], *MID_EPOCH, "ckpt_path=last") == 0, output(run)[-3000:]
     got, expected = run / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt"
     assert progress(got) == progress(expected)
