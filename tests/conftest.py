@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def fast_tests_start_no_python(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A test not marked ``slow`` may not start a Python interpreter (each costs seconds of imports).
 
-    That keeps ``make test-fast`` (``-m 'not slow'``) the quick edit loop it promises; small system
-    tools (``make -n``, ``mount``) stay allowed.
+    That keeps ``make test-fast`` (``-m 'not slow'``) the quick edit loop it promises. Only starts from
+    this repository's code count (a library's own workers, e.g. torch.compile's, are its business), and
+    small system tools (``make -n``, ``mount``) stay allowed.
     """
     if request.node.get_closest_marker("slow"):
         return
@@ -36,13 +37,25 @@ def fast_tests_start_no_python(request: pytest.FixtureRequest, monkeypatch: pyte
 
     def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **options: Any) -> None:
         program = str(args[0] if isinstance(args, list | tuple) else args).split()[0]
-        if program == sys.executable or Path(program).name.startswith("python"):
+        python = program == sys.executable or Path(program).name.startswith("python")
+        if python and _started_by_this_repository():
             raise AssertionError(
                 f"{request.node.nodeid} starts a Python subprocess ({program}): mark it @pytest.mark.slow"
             )
         start(self, args, *rest, **options)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
+
+def _started_by_this_repository() -> bool:
+    """Whether the code that called into :mod:`subprocess` lives in this repository (not its venv)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename in (subprocess.__file__, __file__):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    caller = Path(frame.f_code.co_filename).resolve()
+    return caller.is_relative_to(ROOT) and not caller.is_relative_to(Path(sys.prefix).resolve())
 
 
 @pytest.fixture
