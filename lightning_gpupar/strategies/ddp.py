@@ -130,6 +130,13 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         super().setup(trainer)
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Every rank, every step: agree whether a rank heard SIGTERM (then all stop after this step)."""
+        super().on_train_batch_start(batch, batch_idx)
+        assert self.lightning_module is not None
+        signals.agree(self.lightning_module.trainer, self.root_device)
+
+    @override
     def barrier(self, name: str | None = None) -> None:
         """Lightning's barrier, skipped once the run was interrupted (see :meth:`run_interrupted`)."""
         if not self.run_interrupted:

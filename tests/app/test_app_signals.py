@@ -24,6 +24,7 @@ from tests.helpers.app_runs import (
     start,
     wait_until,
 )
+from tests.helpers.late_sigterm import SIGTERM_AT_STEP_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +98,21 @@ def test_signal_ends_the_run(
         if (failure := _trial(tmp_path / f"run{trial}", strategy, target, signum)) is not None
     ]
     assert not failures, f"{len(failures)} of {trials} trials failed:\n" + "\n".join(failures)
+
+
+def test_sigterm_heard_late_by_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    """Rank 1 hears SIGTERM after rank 0 has left the step: the ranks still agree on where to stop (the
+    next step's end), and rank 0 saves the checkpoint and exits 143 instead of crashing in a collective."""
+    run_dir = tmp_path / "run"
+    proc = start(
+        run_dir,
+        *STRATEGIES["ddp"],
+        "model._target_=tests.helpers.late_sigterm.MLPSigtermOnRank1",
+        "trainer.max_epochs=1000",
+        env={SIGTERM_AT_STEP_ENV: "3"},
+    )
+    code, _ = finish(proc, 120, run_dir)
+    assert code == 128 + signal.SIGTERM, output(run_dir)[-3000:]
+    interrupted = run_dir / "checkpoints" / "last-interrupted.ckpt"
+    assert interrupted.exists(), output(run_dir)[-3000:]
+    assert progress(interrupted) == (0, 4)  # the step after the one rank 1 heard it in, on every rank
