@@ -19,13 +19,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import RESULTS, machine, pyplot, save_results
+from benchmarks.common import RESULTS, machine, pyplot, save_results, stage_group_times
 from examples.models import TransformerNet
 from lightning_gpupar.model_split import ModelSplit
 
@@ -51,23 +50,6 @@ def step_times(net: TransformerNet, batch: tuple[torch.Tensor, torch.Tensor], st
         optimizer.step()
         if step:
             times.append(time.perf_counter() - start)
-    return times
-
-
-def stage_times(net: TransformerNet, tokens: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Median forward + backward seconds of each stage on ``tokens`` (one micro-batch)."""
-    hidden = net.blocks[1](net.blocks[0](net.embed(tokens))).detach()
-    times = []
-    for k, stage in enumerate(STAGES):
-        samples = []
-        for _ in range(repeats + 1):
-            out: Any = tokens if k == 0 else hidden.clone().requires_grad_()
-            start = time.perf_counter()
-            for path in stage:
-                out = net.get_submodule(path)(out)
-            out.float().sum().backward()
-            samples.append(time.perf_counter() - start)
-        times.append(statistics.median(samples[1:]))
     return times
 
 
@@ -98,7 +80,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for m in CHUNKS:
             measured[m] += step_times(nets[m], batch, args.steps)
-            per_micro_batch = stage_times(reference, batch[0][: max(1, args.batch // m)])
+            per_micro_batch = stage_group_times(reference, STAGES, batch[0][: max(1, args.batch // m)], cpu)
             k = len(STAGES)
             modelled[m].append((m + k - 1) * max(per_micro_batch) if m > 1 else sum(per_micro_batch))
     step = {m: statistics.median(v) for m, v in measured.items()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gpupar  # noqa: F401
-from benchmarks.common import fit_step_times, interleaved, report
+from benchmarks.common import fit_step_times, interleaved, report, stage_group_times
 from examples.models import TransformerClassifier, TransformerNet
 from lightning_gpupar import ModelSplitStrategy
 
 PLACEMENT = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
+#: The two stages of ``PLACEMENT``, as paths inside the network.
+STAGES = [["embed", "blocks.0", "blocks.1"], ["blocks.2", "blocks.3", "head"]]
 
 
 class MicroBatchedByHand(TransformerClassifier):
@@ -42,30 +43,6 @@ class MicroBatchedByHand(TransformerClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.model(part) for part in x.chunk(self.chunks)])
-
-
-def stage_times(args: argparse.Namespace, device: torch.device, repeats: int = 10) -> list[float]:
-    """Forward + backward seconds of each stage of the split, on one batch."""
-    net = TransformerNet(16, args.d_model, 4, 4, 2, args.seq).to(device)  # TransformerClassifier's network
-    stages = [[net.embed, net.blocks[0], net.blocks[1]], [net.blocks[2], net.blocks[3], net.head]]
-    hidden = net.embed(torch.randint(0, 16, (args.batch, args.seq), device=device)).detach()
-    times = []
-    for k, stage in enumerate(stages):
-        x: Any = torch.randint(0, 16, (args.batch, args.seq), device=device) if k == 0 else hidden
-        samples = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = x
-            for module in stage:
-                out = module(out)
-            out.float().sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
-        times.append(sorted(samples)[len(samples) // 2])
-    return times
 
 
 def main() -> None:
@@ -153,7 +130,9 @@ def main() -> None:
         name="split" if torch.get_num_threads() == 1 else f"split_{torch.get_num_threads()}threads",
     )
     for device in [cpu] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else []):
-        first, second = stage_times(args, device)
+        net = TransformerNet(16, args.d_model, 4, 4, 2, args.seq).to(device)  # TransformerClassifier's
+        tokens = torch.randint(0, 16, (args.batch, args.seq), device=device)
+        first, second = stage_group_times(net, STAGES, tokens, device, repeats=10)
         print(f"  stage times on {device} (fwd+bwd, one batch): {first * 1e3:.2f} ms, {second * 1e3:.2f} ms")
 
 

@@ -20,6 +20,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
+
+from lightning_gpupar.model_split.balance import measure_stage_times
 
 
 class StepTimer(pl.Callback):
@@ -84,6 +87,16 @@ def paired_ratio(per_round: Mapping[str, Sequence[float]], numerator: str, denom
     """``numerator / denominator`` in each round, sorted."""
     pairs = zip(per_round[numerator], per_round[denominator], strict=True)
     return sorted(num / den for num, den in pairs)
+
+
+def stage_group_times(
+    net: nn.Module, groups: Sequence[Sequence[str]], sample: Any, device: torch.device, repeats: int = 3
+) -> list[float]:
+    """Forward + backward seconds of each group of submodules (paths of ``net``) on the input each gets
+    when ``net`` runs ``sample``: the sum of its submodules' medians, as ``balance="time"`` measures them."""
+    paths = [path for group in groups for path in group]
+    seconds = dict(zip(paths, measure_stage_times(net, paths, sample, device, repeats=repeats), strict=True))
+    return [sum(seconds[path] for path in group) for group in groups]
 
 
 def machine() -> str:
