@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from lightning_gpupar.dp.batch import split_batch
 from lightning_gpupar.dp.gather import gather_outputs
+from lightning_gpupar.dp.parallel_apply import StopIterationAsError
 from lightning_gpupar.model_split.batchnorm import DeferredBatchNorms, batch_norms
 from lightning_gpupar.model_split.chain_check import check_stage_chain
 from lightning_gpupar.model_split.errors import PipelineError
@@ -76,6 +77,13 @@ class Partition:
     device: torch.device
     stages: tuple[Callable[..., Any], ...]
     recomputed: tuple[bool, ...]
+    paths: tuple[str, ...] = ()  #: the stages' paths, for messages
+
+    def name(self, k: int) -> str:
+        """How messages name stage ``k``: ``blocks.2 (Block)``."""
+        stage = self.stages[k]
+        module = getattr(stage, "__self__", stage)  # a bound forward: its module
+        return f"{self.paths[k] if k < len(self.paths) else '?'} ({type(module).__name__})"
 
 
 class Pipeline:
@@ -106,7 +114,8 @@ class Pipeline:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         shards, sizes = split_batch((args, kwargs), self.chunks)
         if self.check_first_call is not None:
-            self.check_first_call(*shards[0])
+            with StopIterationAsError(f"the stage chain check of {self.owner_name}"):
+                self.check_first_call(*shards[0])
             self.check_first_call = None
         self.calls += 1
         streams = self.streams
@@ -136,10 +145,11 @@ class Pipeline:
             steps = zip(partition.stages, partition.recomputed, strict=True)
             for k, (stage, recomputed) in enumerate(steps):
                 args, kwargs = data if first and k == 0 else ((data,), {})
-                if recomputed:
-                    data = recompute_in_backward(stage, *args, use_reentrant=False, **kwargs)
-                else:
-                    data = stage(*args, **kwargs)
+                with StopIterationAsError(f"pipeline stage {partition.name(k)} on {partition.device}"):
+                    if recomputed:
+                        data = recompute_in_backward(stage, *args, use_reentrant=False, **kwargs)
+                    else:
+                        data = stage(*args, **kwargs)
         return data, self.streams.record(partition.device)
 
 
@@ -318,10 +328,15 @@ def install_pipeline(
         if partitions and partitions[-1].position == position:
             last = partitions[-1]
             partitions[-1] = Partition(
-                position, last.device, (*last.stages, stage), (*last.recomputed, path in recomputed)
+                position,
+                last.device,
+                (*last.stages, stage),
+                (*last.recomputed, path in recomputed),
+                (*last.paths, path),
             )
         else:
-            partitions.append(Partition(position, plan.devices[position], (stage,), (path in recomputed,)))
+            device = plan.devices[position]
+            partitions.append(Partition(position, device, (stage,), (path in recomputed,), (path,)))
     norms = batch_norms(root.get_submodule(p) for p in paths)
     tracked = [n for n in norms if n.track_running_stats]  # the others have no statistics to defer
     deferred = DeferredBatchNorms(tracked) if tracked and chunks > 1 and deferred_batch_norm else None
