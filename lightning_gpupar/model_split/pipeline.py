@@ -35,7 +35,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from lightning_gpupar.dp.batch import split_batch
+from lightning_gpupar.dp.batch import split_call
 from lightning_gpupar.dp.gather import gather_outputs
 from lightning_gpupar.dp.parallel_apply import StopIterationAsError
 from lightning_gpupar.model_split.batchnorm import DeferredBatchNorms, batch_norms
@@ -112,7 +112,7 @@ class Pipeline:
         self.calls = 0  #: how many batches ran through the pipeline
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        shards, sizes = split_batch((args, kwargs), self.chunks)
+        shards, sizes = split_call(args, kwargs, self.chunks)
         if self.check_first_call is not None:
             with StopIterationAsError(f"the stage chain check of {self.owner_name}"):
                 self.check_first_call(*shards[0])

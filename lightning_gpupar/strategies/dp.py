@@ -49,7 +49,7 @@ from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
-from lightning_gpupar.dp.batch import split_batch
+from lightning_gpupar.dp.batch import split_batch, split_call
 from lightning_gpupar.dp.gather import gather_outputs
 from lightning_gpupar.dp.parallel_apply import StopIterationAsError, on_device, run_parallel
 from lightning_gpupar.dp.replica_results import (
@@ -226,7 +226,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
     @contextmanager
     def _parallel_forward(self, root: LightningModule) -> Iterator[None]:
         def forward(*inputs: Any, **kw: Any) -> Any:
-            shards, sizes = split_batch((inputs, kw), len(self.devices))
+            shards, sizes = split_call(inputs, kw, len(self.devices))
             devices = self.devices[: len(shards)]
             replicas = replicate(root, devices)
             for replica in replicas:

@@ -286,3 +286,27 @@ def test_hooks_registered_in_a_replica_stay_there_and_root_hooks_run_in_every_re
         replica(torch.randn(2, 3))
     assert seen == ["root hook", "replica hook"] * 2
     assert hooks(root) == before
+
+
+# -- point 4: a list with one item per sample travels with its samples ------------------------------------
+
+
+class Named(pl.LightningModule):
+    """Samples ``(x, name)``; ``default_collate`` makes the names a tuple beside the tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(1, 1)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[str]:
+        x, names = batch
+        assert len(names) == len(x)
+        return [f"{name}={int(value)}" for name, value in zip(names, x, strict=True)]
+
+
+def test_per_sample_names_reach_the_replica_of_their_samples() -> None:
+    samples = [(torch.tensor([float(i)]), f"s{i % 3}") for i in range(10)]
+    loader = DataLoader(samples, batch_size=5)  # type: ignore[arg-type]
+    want = trainer(devices=1, strategy="auto").predict(Named(), loader)
+    got = trainer(devices=2).predict(Named(), loader)
+    assert got == want == [["s0=0", "s1=1", "s2=2", "s0=3", "s1=4"], ["s2=5", "s0=6", "s1=7", "s2=8", "s0=9"]]
