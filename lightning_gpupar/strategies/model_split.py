@@ -85,17 +85,17 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
             precision_plugin=precision_plugin,
         )
         self.split = ModelSplit(
-            placement,
-            chunks,
-            stages,
-            default_device,
-            output_device,
-            max_memory,
-            no_split or (),
-            checkpoint,
-            deferred_batch_norm,
-            balance,
-            trace,
+            placement=placement,
+            chunks=chunks,
+            stages=stages,
+            default_device=default_device,
+            output_device=output_device,
+            max_memory=max_memory,
+            no_split=no_split or (),
+            checkpoint=checkpoint,
+            deferred_batch_norm=deferred_batch_norm,
+            balance=balance,
+            trace=trace,
         )
 
     @property

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_gpupar.errors import GpuparError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge
 from lightning_gpupar.model_split.paths import holds_tensors, join
 
@@ -50,7 +51,7 @@ class ChainUnit:
 Partitioner = Callable[[Sequence[ChainUnit], Sequence[float]], list[int]]
 
 
-class NoFit(Exception):
+class NoFit(GpuparError):
     """The chain units cannot be placed under the caps."""
 
 
