@@ -78,15 +78,18 @@ def check_strategy(strategy_cfg: DictConfig, selection: DeviceSelection) -> None
 
 
 def _check_backend_on(backend: Any, selection: DeviceSelection) -> None:
-    if backend is None:
+    """Refuse nccl alone for CPU devices (``"nccl"``, ``"cuda:nccl"``): it moves CUDA tensors only."""
+    names = (
+        set()
+        if backend is None
+        else {part.split(":")[-1].strip().lower() for part in str(backend).split(",")}
+    )
+    if selection.accelerator != "cpu" or not names or not names <= {"nccl"}:
         return
-    names = {part.split(":")[-1].strip().lower() for part in str(backend).split(",")}
-    if selection.accelerator == "cpu" and names <= {"nccl"}:
-        raise ConfigValueError(
-            f"strategy.process_group_backend={backend!r} with CPU devices: nccl moves CUDA tensors only. "
-            "Use strategy.process_group_backend=gloo (or null: gloo on the CPU, nccl on GPUs), or train on "
-            "GPUs."
-        )
+    raise ConfigValueError(
+        f"strategy.process_group_backend={backend!r} with CPU devices: nccl moves CUDA tensors only. Use "
+        "strategy.process_group_backend=gloo (or null: gloo on the CPU, nccl on GPUs), or train on GPUs."
+    )
 
 
 def _check_output_device(wanted: Any, selection: DeviceSelection) -> None:

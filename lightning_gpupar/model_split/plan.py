@@ -45,7 +45,7 @@ from lightning_gpupar.model_split.paths import (
 Placement = Mapping[str, int] | str | None
 
 
-def _splittable(module: nn.Module, no_split: Sequence[str]) -> bool:
+def _is_stage_container(module: nn.Module, no_split: Sequence[str]) -> bool:
     """Containers whose children can live on different devices without touching user code."""
     return isinstance(module, nn.Sequential | nn.ModuleList) and type(module).__name__ not in no_split
 
@@ -76,7 +76,7 @@ def infer_stages(root: nn.Module, no_split: Sequence[str] = ()) -> list[str]:
     for name, child in module.named_children():
         if not chain and not holds_tensors(child):
             continue
-        if _splittable(child, no_split) or is_container(child):
+        if _is_stage_container(child, no_split) or is_container(child):
             stages += [join(join(path, name), n) for n, _ in child.named_children()]
         else:
             stages.append(join(path, name))

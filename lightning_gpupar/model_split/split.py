@@ -78,9 +78,9 @@ class ModelSplit:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def take_options(cls, options: dict[str, Any]) -> ModelSplit:
-        """A split from the entries of ``options`` that name split options; they are removed from it."""
-        return cls(**{name: options.pop(name) for name in cls.option_names() if name in options})
+    def from_options(cls, options: Mapping[str, Any]) -> ModelSplit:
+        """A split from the entries of ``options`` that name split options (the others are not its own)."""
+        return cls(**{name: options[name] for name in cls.option_names() if name in options})
 
     def __post_init__(self) -> None:
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:

@@ -73,12 +73,11 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         **kwargs: Any,
     ) -> None:
         _refuse_split_options(kwargs)
-        timeout = check_timeout(timeout)
         check_backend(process_group_backend)
         check_launch_environment()
         super().__init__(
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=check_timeout(timeout),
             start_method=start_method,
             find_unused_parameters=find_unused_parameters,
             static_graph=static_graph,

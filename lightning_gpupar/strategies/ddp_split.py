@@ -64,11 +64,13 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
                 f"DDPSplitStrategy(devices_per_process={devices_per_process}): each process splits its model "
                 "over >= 2 devices. Use strategy=ddp (DDPStrategy) for one device per process."
             )
-        self.split = ModelSplit.take_options(options)
+        self.split = ModelSplit.from_options(options)
         self._all_devices: list[torch.device] | None = None
         self._check_group_positions(devices_per_process)
         self.devices_per_process = devices_per_process
-        super().__init__(**options)
+        super().__init__(
+            **{key: value for key, value in options.items() if key not in ModelSplit.option_names()}
+        )
 
     # -- devices: Lightning counts processes, each process owns a group ---------------------------------
 

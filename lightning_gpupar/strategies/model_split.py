@@ -84,19 +84,7 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self.split = ModelSplit(
-            placement=placement,
-            chunks=chunks,
-            stages=stages,
-            default_device=default_device,
-            output_device=output_device,
-            max_memory=max_memory,
-            no_split=no_split or (),
-            checkpoint=checkpoint,
-            deferred_batch_norm=deferred_batch_norm,
-            balance=balance,
-            trace=trace,
-        )
+        self.split = ModelSplit.from_options(locals())  # the split options of this signature
 
     @property
     def placement(self) -> Placement:
