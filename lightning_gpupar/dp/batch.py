@@ -15,11 +15,13 @@ from typing import Any
 from lightning_utilities.core.apply_func import apply_to_collection, is_namedtuple
 from torch import Tensor
 
+from lightning_gpupar.errors import GpuparError
+
 #: The roles :func:`sequence_role` gives a list or tuple.
 PER_SAMPLE, RECORD, AMBIGUOUS = "per-sample", "record", "ambiguous"
 
 
-class BatchSplitError(ValueError):
+class BatchSplitError(GpuparError, ValueError):
     """A batch that cannot be split along dim 0; the message shows its structure."""
 
 

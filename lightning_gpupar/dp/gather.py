@@ -29,9 +29,10 @@ from lightning_utilities.core.apply_func import is_dataclass_instance, is_namedt
 from torch import Tensor
 
 from lightning_gpupar.dp.batch import AMBIGUOUS, PER_SAMPLE, RECORD, describe, sequence_role
+from lightning_gpupar.errors import GpuparError
 
 
-class GatherError(ValueError):
+class GatherError(GpuparError, ValueError):
     """Replica outputs that cannot be combined into one; the message names the output's path."""
 
 

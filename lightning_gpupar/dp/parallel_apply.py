@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from lightning_gpupar.errors import GpuparError
 
-class ReplicaStopIterationError(RuntimeError):
+
+class ReplicaStopIterationError(GpuparError, RuntimeError):
     """A ``StopIteration`` (or ``StopAsyncIteration``) escaped user code run by a replica, a pipeline stage
     or a hook we call; chained to it. Lightning's loops would read it as "no more data" (PEP 479 wraps it the
     same way for generators)."""
