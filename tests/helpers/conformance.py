@@ -47,6 +47,7 @@ class Case:
     placement: Mapping[str, int] = field(default_factory=dict)
     chain: bool = False
     sharded_under: frozenset[str] = field(default_factory=frozenset)
+    slow: bool = False  #: its tests are marked slow (larger models: the fast suite stays fast)
 
     def __str__(self) -> str:
         return self.name
