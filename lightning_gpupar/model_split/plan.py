@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_gpupar.devices import format_bytes, parse_bytes
 from lightning_gpupar.model_split import auto, table
+from lightning_gpupar.model_split.device_map import DEVICE_MAP, device_map_placement
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge, measure_model
 from lightning_gpupar.model_split.paths import (
@@ -202,8 +203,10 @@ def plan_placement(
 ) -> PlacementPlan:
     """Plan where each submodule of ``root`` goes, without moving anything.
 
-    ``placement``: a map of submodule paths (ranges allowed) to positions in ``devices``, or ``"auto"``
-    (``None`` means ``"auto"``). Tensors outside the map go to ``default_device`` or are an error.
+    ``placement``: a map of submodule paths (ranges allowed) to positions in ``devices``, ``"auto"``
+    (``None`` means ``"auto"``), or ``"device_map"``: the model's ``hf_device_map``
+    (:mod:`~lightning_gpupar.model_split.device_map`). Tensors outside the map go to ``default_device`` or
+    are an error.
     ``stages``: for ``"auto"``, the ordered units to place, each whole (default: walk the module tree).
     ``output_device``: the position where outputs land (default: the last placed submodule's).
     ``max_memory``: ``{position: "10GiB"}`` caps on the training memory of each position.
@@ -225,10 +228,18 @@ def plan_placement(
     order = auto.execution_order(root, memory)
     if placement is None or placement == "auto":
         entries = _auto(root, devices, stages, caps, no_split, memory, partition or auto.balance_memory)
+    elif placement == DEVICE_MAP:
+        try:
+            entries = _manual(root, devices, device_map_placement(root, devices), default_device)
+            _check_tied(root, entries)
+        except PlacementError as err:
+            if str(err).startswith("placement='device_map'"):
+                raise
+            raise PlacementError(f"placement='device_map' (read from hf_device_map): {err}") from None
     elif isinstance(placement, str):
         raise PlacementError(
-            f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, "
-            "e.g. {model.encoder: 0, model.decoder: 1}."
+            f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, e.g. "
+            "{model.encoder: 0, model.decoder: 1}, or 'device_map' (the model's hf_device_map)."
         )
     else:
         entries = _manual(root, devices, placement, default_device)
