@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.paths import common_ancestor, is_container, is_within, join
 from lightning_gpupar.model_split.plan import PlacementPlan
+from lightning_gpupar.model_split.precision import float32_inputs
 
 #: The methods through which a tensor changes device or dtype; a Parameter class overriding one moves itself.
 _MOVERS = ("to", "cuda", "cpu", "half", "float", "double", "bfloat16", "type", "_to_copy")
@@ -56,7 +58,8 @@ def apply_placement(root: nn.Module, plan: PlacementPlan) -> PlacementHandle:
         module = root.get_submodule(entry.path)
         targets = list(module.children()) if is_container(module) else [module]
         for target in targets:
-            hook = _inputs_to(plan.devices[entry.position])
+            float32 = bool(plan.precision) and plan.precision[entry.position].casts_inputs
+            hook = _inputs_to(plan.devices[entry.position], float32)
             handles.append(target.register_forward_pre_hook(hook, with_kwargs=True))
     parent = common_ancestor([e.path for e in plan.entries if not e.own_only])
     for path in {"", parent}:
@@ -152,9 +155,16 @@ def _move_free_modules(root: nn.Module, placed: set[str], device: torch.device) 
         visit(name, child)
 
 
-def _inputs_to(device: torch.device) -> Callable[..., tuple[Any, dict[str, Any]] | None]:
+def _inputs_to(
+    device: torch.device, float32: bool = False
+) -> Callable[..., tuple[Any, dict[str, Any]] | None]:
+    """The pre-hook moving a stage's inputs to its device (and, for a float32 stage under mixed precision,
+    casting its reduced-precision floating inputs to float32)."""
+
     def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
-        if all_on(args, device) and all_on(kwargs, device):
+        if float32:
+            args, kwargs = apply_to_collection((args, kwargs), torch.Tensor, float32_inputs)
+        elif all_on(args, device) and all_on(kwargs, device):
             return None  # already there (every call when the devices coincide): nothing to rebuild
         return move_data_to_device(args, device), move_data_to_device(kwargs, device)
 

@@ -42,6 +42,7 @@ from lightning_gpupar.model_split.paths import (
     module_bytes,
     uncovered,
 )
+from lightning_gpupar.model_split.precision import StagePrecision
 
 Placement = Mapping[str, int] | str | None
 
@@ -110,6 +111,7 @@ class PlacementPlan:
     caps: tuple[float, ...] = ()  # max_memory per position (inf: none)
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # how each part was found
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)  # shared parameter -> its owner
+    precision: tuple[StagePrecision, ...] = ()  # under mixed precision: how each position computes
 
     @property
     def output_device(self) -> torch.device:
@@ -141,7 +143,17 @@ class PlacementPlan:
 
     def table(self, free_bytes: Callable[[torch.device], int | None] | None = None) -> str:
         """The plan as text: one row per submodule, the totals per device, then the memory per device."""
-        return self.entry_table() + "\n\n" + table.memory_table(self, free_bytes)
+        return self.entry_table() + self.precision_lines() + "\n\n" + table.memory_table(self, free_bytes)
+
+    def precision_lines(self) -> str:
+        """Under mixed precision, how each device computes (``""`` otherwise)."""
+        if not self.precision:
+            return ""
+        lines = [
+            f"  {pos} ({device}): {p.describe()}"
+            for pos, (device, p) in enumerate(zip(self.devices, self.precision, strict=True))
+        ]
+        return "\n\nprecision per device:\n" + "\n".join(lines)
 
     def entry_table(self) -> str:
         """One row per submodule, then the parameter totals per device."""

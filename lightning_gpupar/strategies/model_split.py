@@ -38,8 +38,9 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
 
     Args:
         placement: ``{"model.encoder": 0, "model.blocks.0-5": 1, ...}`` (submodule path or ModuleList
-            range -> position in the Trainer's devices), or ``"auto"`` (``None``): balance parameter and
-            buffer bytes over the devices, one stage at a time.
+            range -> position in the Trainer's devices), ``"auto"`` (``None``): balance parameter and
+            buffer bytes over the devices, one stage at a time, or ``"device_map"``: the ``hf_device_map``
+            of the transformers model inside (its accelerate hooks are replaced by ours).
         chunks: micro-batches per batch; ``> 1`` pipelines the stage sequence (GPipe).
         stages: the ordered stage sequence for ``chunks > 1`` (ranges allowed). Default: the placement's
             keys in the order written, or for ``"auto"`` the inferred chain (see ``infer_stages``).
@@ -48,6 +49,9 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
         max_memory: ``{position: "10GiB"}`` caps for ``"auto"``.
         no_split: class names ``"auto"`` must never split across devices.
         checkpoint: recompute activations in backward: ``"all"``, or a list of stage paths.
+        parallel_devices: the devices, when they are not Lightning's ``devices=``: e.g. a CPU stage beside
+            GPUs, ``[cuda:0, cuda:1, cpu]`` with ``Trainer(accelerator="gpu", devices=[0, 1])`` (the app:
+            ``strategy.device_ids=[0,1,cpu]``). Under mixed precision each device type autocasts.
         deferred_batch_norm: with ``chunks > 1``, BatchNorm running statistics update once per step from
             all micro-batches, as in the unsplit model (default); ``False``: once per micro-batch.
         balance: what ``"auto"`` balances: ``"memory"`` (parameter and buffer bytes, the default) or
