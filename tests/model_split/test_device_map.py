@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.model_split import ModelSplit, PlacementError, apply_placement, plan_placement
+from tests.helpers.markers import requires_cuda
 from tests.helpers.trainer import TRAINING_ONLY
 
 accelerate = pytest.importorskip("accelerate")
@@ -245,4 +246,52 @@ def test_micro_batches_run_where_the_device_map_is_a_chain() -> None:
     trainer = pl.Trainer(**TRAINING_ONLY, accelerator="cpu", devices=2, max_steps=2, strategy=strategy)
     split = CausalLM(net)
     trainer.fit(split, DataLoader(token_data(), batch_size=4))
+    assert_equivalent(split, single)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_a_model_dispatched_over_a_gpu_and_the_cpu_trains_as_on_one_device() -> None:
+    """accelerate offloads the 'cpu' entries (weights on meta, moved to the GPU per call); model_split
+    makes them a CPU stage: the hooks come off, the weights come back to the CPU, and nothing moves twice."""
+    single = fit(CausalLM(tiny_llama()))
+    net = tiny_llama()
+    device_map: dict[str, Any] = {key: 0 for key in llama_device_map(net)}
+    device_map["lm_head"] = "cpu"
+    accelerate.dispatch_model(net, device_map)
+    strategy = ModelSplitStrategy(
+        placement="device_map", parallel_devices=[torch.device("cuda", 0), torch.device("cpu")]
+    )
+    split = CausalLM(net)
+    trainer = pl.Trainer(**TRAINING_ONLY, accelerator="gpu", devices=[0], max_steps=2, strategy=strategy)
+    trainer.fit(split, DataLoader(token_data(), batch_size=4))
+    assert not any(hasattr(m, "_hf_hook") for m in net.modules())
+    assert split.losses == pytest.approx(single.losses, rel=1e-7)
+    for ga, gb in zip(split.grads, single.grads, strict=True):
+        for key in ga:
+            torch.testing.assert_close(ga[key], gb[key], rtol=1e-6, atol=1e-9, msg=key)
+
+
+class HeadFirst(nn.Module):
+    """Registers its head before its body; the forward runs the body first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(8, VOCAB).double()
+        self.body = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Tanh()).double()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.body(ids))
+
+
+def test_stages_follow_execution_order_not_the_maps_or_registrations() -> None:
+    single = fit(CausalLM(HeadFirst()))
+    net = HeadFirst()
+    net.hf_device_map = {"head": 1, "body": 0}
+    module = CausalLM(net)
+    module.example_input_array = token_data()[:2][0]
+    plan = plan_placement(module, CPU2, "device_map", example_input=module.example_input_array)
+    assert [e.path for e in plan.entries] == ["net.body", "net.head"]
+    split = fit(module, devices=2, placement="device_map", chunks=2)  # pipelined body -> head
     assert_equivalent(split, single)
