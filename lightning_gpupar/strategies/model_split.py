@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
@@ -109,6 +110,17 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
     @override
     def split_devices(self) -> list[torch.device]:
         return self.devices
+
+    @override
+    def setup_environment(self) -> None:
+        """Lightning's CUDA accelerator sets up the root device, which must be a GPU: with the output on a
+        CPU stage beside GPUs, the first GPU of the split is set up instead (``Strategy.setup_environment``
+        does nothing else)."""
+        gpus = [d for d in self.split_devices if d.type == "cuda"]
+        if isinstance(self.accelerator, CUDAAccelerator) and self.root_device.type == "cpu" and gpus:
+            self.accelerator.setup_device(gpus[0])
+            return
+        super().setup_environment()
 
     def plan_for(self, module: torch.nn.Module) -> PlacementPlan:
         """The plan this strategy would apply to ``module`` (a LightningModule; may live on meta)."""

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.init import _EmptyInit
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
@@ -124,17 +123,6 @@ class SplitStrategyMixin(_StrategyBase):
             dtype = torch.bfloat16 if mixed.precision == "bf16-mixed" else torch.float16
             plan = dataclasses.replace(plan, precision=stage_precisions(plan.devices, mixed.device, dtype))
         self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=plan)
-
-    @override
-    def setup_environment(self) -> None:
-        """Lightning's CUDA accelerator sets up the root device, which must be a GPU: with the output on a
-        CPU stage beside GPUs, the first GPU of the split is set up instead."""
-        assert self.accelerator is not None
-        gpus = [d for d in self.split_devices if d.type == "cuda"]
-        if isinstance(self.accelerator, CUDAAccelerator) and self.root_device.type == "cpu" and gpus:
-            self.accelerator.setup_device(gpus[0])
-            return
-        super().setup_environment()
 
     @contextmanager
     def _stage_autocast(self) -> Iterator[None]:
