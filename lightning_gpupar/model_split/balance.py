@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
@@ -101,11 +101,25 @@ def measure_stage_times(
 ) -> list[float]:
     """Median forward + backward seconds of each stage of ``root`` on the input it gets from ``sample``.
 
-    Each stage moves to ``device`` for its measurement and back afterwards; gradients, buffers and the
-    RNG state are as before. ``precision``: the run's, which converts the sample and wraps every forward
-    (the module must already be converted, as Lightning converts it before placement).
+    Everything runs in training mode; each stage moves to ``device`` for its measurement and back
+    afterwards; gradients, buffers, training flags and the RNG state are as before. ``precision``: the
+    run's, which converts the sample and wraps every forward (the module must already be converted, as
+    Lightning converts it before placement).
     """
     modules = [root.get_submodule(path) for path in stages]
+    with _training_mode(root):
+        return _measure(root, modules, sample, device, warmup, repeats, precision)
+
+
+def _measure(
+    root: nn.Module,
+    modules: Sequence[nn.Module],
+    sample: Any,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    precision: RunPrecision | None,
+) -> list[float]:
     inputs = _stage_inputs(root, modules, sample, precision)
     in_precision = precision.forward_context if precision is not None else contextlib.nullcontext
     times = []
@@ -231,6 +245,19 @@ def _stage_inputs(
             "declare the stages the forward runs (strategy.stages=[...]) or use balance='memory'."
         )
     return [seen[id(m)] for m in modules]
+
+
+@contextlib.contextmanager
+def _training_mode(root: nn.Module) -> Iterator[None]:
+    """``root`` in training mode inside the block (stages are timed as training runs them), its modules'
+    own flags back afterwards."""
+    flags = [(module, module.training) for module in root.modules()]
+    root.train()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def _fresh_leaves(data: Any) -> Any:

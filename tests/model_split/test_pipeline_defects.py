@@ -8,70 +8,16 @@ import copy
 import warnings
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.model_split import PlacementError, plan_placement
 from lightning_gpupar.model_split.pipeline import PipelineError, install_pipeline
-from tests.helpers.trainer import TRAINING_ONLY
+from tests.helpers.split_user import assert_same_step, fit, reference
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
-
-
-class Wrapped(pl.LightningModule):
-    """``self.model`` trained on the mean square of its output; records the loss and gradients of step 1."""
-
-    def __init__(self, model: nn.Module, example: Tensor | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.example_input_array = example
-        self.loss: Tensor | None = None
-        self.grads: dict[str, Tensor] = {}
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self(batch[0]).pow(2).mean()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.loss = outputs["loss"].detach().cpu()
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.grads = {k: p.grad.detach().cpu().clone() for k, p in self.named_parameters()}
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)  # no update: states stay comparable
-
-
-def fit(model: nn.Module, strategy: Any, devices: int = 2, x: Tensor | None = None, **kwargs: Any) -> Wrapped:
-    """One training step on ``x`` (default: 4 samples of 4 features) as a LightningModule."""
-    x = torch.randn(4, 4, dtype=torch.float64) if x is None else x
-    module = Wrapped(model, kwargs.pop("example", None))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, **{**TRAINING_ONLY, **kwargs}
-    )
-    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=len(x)))
-    return module
-
-
-def reference(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The unsplit model's loss and gradients on ``x``."""
-    model = copy.deepcopy(model)
-    loss = model(x).pow(2).mean()
-    loss.backward()
-    return loss.detach(), {f"model.{k}": p.grad for k, p in model.named_parameters()}
-
-
-def assert_same_step(split: Wrapped, loss: Tensor, grads: dict[str, Tensor]) -> None:
-    torch.testing.assert_close(split.loss, loss, rtol=1e-10, atol=1e-12)
-    assert split.grads.keys() == grads.keys()
-    for key, grad in grads.items():
-        torch.testing.assert_close(split.grads[key], grad, rtol=1e-10, atol=1e-12, msg=key)
 
 
 @pytest.mark.parametrize("checkpoint", [None, "all"])
