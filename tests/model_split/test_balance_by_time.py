@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.model_split import ModelSplit, PlacementError
-from lightning_gpupar.model_split.balance import TimedPlan, partition_chain
+from lightning_gpupar.model_split.balance.by_time import TimedPlan, partition_chain
 from tests.helpers.trainer import QUIET
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
