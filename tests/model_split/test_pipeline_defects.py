@@ -32,6 +32,7 @@ def test_a_batchnorm_stage_of_its_own_keeps_its_deferred_statistics(checkpoint: 
     assert int(layer.num_batches_tracked) == 1  # once per step, as unsplit: not per micro-batch or recompute
     torch.testing.assert_close(layer.running_mean, unsplit[0].running_mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.running_var, unsplit[0].running_var, rtol=1e-10, atol=1e-12)
+    assert "forward" not in layer.__dict__  # teardown gave the layer its own forward back
 
 
 def relu_chain() -> nn.Sequential:
