@@ -259,7 +259,7 @@ def hooks(module: nn.Module) -> dict[str, int]:
 
 
 def test_hidden_states_and_attentions_under_dp_equal_one_device_step_after_step() -> None:
-    tokens = torch.randint(1, 32, (12, 6), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(1, 32, (8, 5), generator=torch.Generator().manual_seed(2))
     loader = DataLoader(TensorDataset(tokens), batch_size=4)
     single, parallel = HiddenStates(), HiddenStates()
     trainer(devices=1, strategy="auto").fit(single, loader)
