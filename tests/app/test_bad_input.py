@@ -415,7 +415,7 @@ CLI_ROWS: list[Any] = [
     (ckpt.main, ["export", "{ckpt}", "{file}/net.pt"], 1, "is a file, not a folder"),
     (
         ckpt.main,
-        ["export", "{ckpt}", "{file}/sub/net.pt", "--format", "safetensors"],
+        ["export", "{ckpt}", "{file}/sub/net.safetensors"],
         1,
         "is a file, not a folder",
     ),
@@ -424,6 +424,17 @@ CLI_ROWS: list[Any] = [
     (ckpt.main, ["inspect", "{pickle}"], 1, "in neither of torch.save's formats"),
     (ckpt.main, ["export", "{pickle}", "{dir}/out.pt"], 1, "in neither of torch.save's formats"),
     (ckpt.main, ["inspect", "{random}"], 1, "not a readable PyTorch checkpoint"),
+    (ckpt.main, ["inspect", "{truncated}"], 1, "is truncated: it starts as a checkpoint in torch.save's zip"),
+    (ckpt.main, ["export", "{truncated}", "{dir}/out.pt"], 1, "is truncated"),
+    (ckpt.main, ["inspect", "{empty}"], 1, "is empty (0 bytes)"),
+    (ckpt.main, ["inspect", "/dev/null"], 1, "is a character device (a terminal, /dev/null...)"),
+    (
+        ckpt.main,
+        ["export", "{ckpt}", "{dir}/net.safetensors", "--format", "pt"],
+        2,
+        "--format pt contradicts OUT 'net.safetensors'",
+    ),
+    (ckpt.main, ["export", "{ckpt}", "{dir}/net.pt", "--format", "safetensors"], 2, "names pt"),
     (ckpt.main, ["inspect", "{file}"], 1, "not a readable PyTorch checkpoint"),
     (ckpt.main, ["inspect", "{custom}"], 1, "--unsafe-unpickle"),  # a torch file that needs it: offered
     (ckpt.main, ["export", "{ckpt}", "{ckpt}", "--force"], 1, "is the input checkpoint"),
@@ -441,14 +452,18 @@ CLI_ROWS: list[Any] = [
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, str]:
-    """A checkpoint, a plain pickle, random bytes, a regular file, a folder, one needing unpickling."""
+    """A checkpoint, a plain pickle, random bytes, a regular file, a folder, one needing unpickling, a
+    checkpoint cut short, an empty file."""
     torch.save({"state_dict": {"model.w": torch.ones(2)}, "epoch": 0}, tmp_path / "run.ckpt")
     with (tmp_path / "plain.pkl").open("wb") as f:  # protocol 2, as old tools write: globals up front
         pickle.dump(argparse.Namespace(state_dict={"w": [1.0]}), f, protocol=2)
     (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(4096))
     (tmp_path / "notes.txt").write_text("not a folder\n")
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "custom.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "run.ckpt").read_bytes()[:600])  # a copy cut short
+    (tmp_path / "empty.ckpt").write_bytes(b"")
     names = {"ckpt": "run.ckpt", "pickle": "plain.pkl", "random": "random.bin", "file": "notes.txt"}
+    names |= {"truncated": "cut.ckpt", "empty": "empty.ckpt"}
     return {
         **{key: str(tmp_path / name) for key, name in names.items()},
         "dir": str(tmp_path),
