@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -203,16 +204,33 @@ def _report_failed_children(children: Sequence[subprocess.Popen], node_offset: i
             break
         time.sleep(0.05)
     for local_rank, proc in enumerate(children, start=1):
-        code = proc.poll()
-        if code:
+        code, rank = proc.poll(), node_offset + local_rank
+        if code is not None and code < 0:  # killed by a signal: it printed no error of its own
+            log.error(
+                "Rank %d (pid %d) was killed by signal %s before rank 0 failed, so it printed no error: "
+                "the cause is outside the run (the out-of-memory killer: see `dmesg`; a kill by a user or "
+                "a scheduler).",
+                rank,
+                proc.pid,
+                _signal_name(-code),
+            )
+        elif code:
             log.error(
                 "Rank %d (pid %d) exited with code %d before rank 0 failed: its error, printed above "
                 "with the prefix [rank%d], is the cause.",
-                node_offset + local_rank,
+                rank,
                 proc.pid,
                 code,
-                node_offset + local_rank,
+                rank,
             )
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL (9)``, or the bare number for a signal this platform does not name."""
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        return str(number)
 
 
 def _kill(children: Sequence[subprocess.Popen]) -> None:

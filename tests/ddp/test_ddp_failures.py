@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from lightning_gpupar.ddp.launcher import DDPLaunchError
+from lightning_gpupar.ddp.launcher import DDPLaunchError, _report_failed_children
 from tests.helpers.programs import preserved_environ, python, run_bounded
 from tests.helpers.programs.tiny_fit import Tiny, make_data, make_trainer
 
@@ -62,6 +64,47 @@ def test_one_failing_rank_stops_every_rank_with_its_error(tmp_path: Path, failin
     assert bool(blames_rank_1) == (failing_rank == 1)
     assert "finished" not in finished.stdout
     assert session_is_empty(finished.pgid)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_not_said_to_have_printed_its_error(tmp_path: Path) -> None:
+    """Rank 1 dies by SIGKILL (as under the out-of-memory killer): it printed nothing, so rank 0's report
+    names the signal instead of pointing at an error "printed above"."""
+    finished = run_bounded(
+        python("tiny_fit.py", "--devices", "2", "--kill-rank", "1", "--timeout", str(HANG_TIMEOUT_S)),
+        timeout=BOUND_S,
+        cwd=tmp_path,
+    )
+    assert finished.returncode != 0
+    assert re.search(
+        r"Rank 1 \(pid \d+\) was killed by signal SIGKILL \(9\) before rank 0 failed, so it "
+        r"printed no error",
+        finished.stderr,
+    ), finished.stderr[-3000:]
+    assert "printed above" not in finished.stderr
+    assert session_is_empty(finished.pgid)
+
+
+def test_the_report_points_above_only_for_a_rank_that_printed(caplog: pytest.LogCaptureFixture) -> None:
+    class Child:
+        def __init__(self, code: int | None, pid: int) -> None:
+            self.code, self.pid = code, pid
+
+        def poll(self) -> int | None:
+            return self.code
+
+    children: list[Any] = [Child(1, 11), Child(-signal.SIGKILL, 12), Child(0, 13), Child(-signal.SIGTERM, 14)]
+    with caplog.at_level(logging.ERROR):
+        _report_failed_children(children, node_offset=4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "Rank 5 (pid 11) exited with code 1 before rank 0 failed: its error, printed above with the prefix "
+        "[rank5], is the cause.",
+        "Rank 6 (pid 12) was killed by signal SIGKILL (9) before rank 0 failed, so it printed no error: the "
+        "cause is outside the run (the out-of-memory killer: see `dmesg`; a kill by a user or a scheduler).",
+        "Rank 8 (pid 14) was killed by signal SIGTERM (15) before rank 0 failed, so it printed no error: the "
+        "cause is outside the run (the out-of-memory killer: see `dmesg`; a kill by a user or a scheduler).",
+    ]
 
 
 @pytest.mark.slow
