@@ -94,7 +94,10 @@ APP_ROWS: list[Any] = [
         ConfigValueError,
         "not one of the chosen",
     ),
-    ([*DDP, "strategy.timeout=0"], {}, (), InstantiationException, "must be a number > 0"),
+    ([*DDP, "strategy.timeout=0"], {}, (), InstantiationException, "from 1 to 86400 (a day)"),
+    ([*DDP, "strategy.timeout=0.001"], {}, (), InstantiationException, "timeout=0.001 (strategy.timeout)"),
+    ([*DDP, "strategy.timeout=inf"], {}, (), InstantiationException, "timeout=inf (strategy.timeout)"),
+    ([*DDP, "strategy.timeout=172800"], {}, (), InstantiationException, "timeout=172800.0 (strategy"),
     pytest.param(
         [*DDP, "strategy.process_group_backend=mpi"],
         {},
@@ -301,7 +304,7 @@ def test_app_input(
 
 # -- Python API: (id, call, environment, exception type, phrase) ----------------------------------------
 
-DP, DDPS, SPLIT = DataParallelStrategy, DDPStrategy, ModelSplitStrategy
+DP, DDPS, SPLIT, DDPSplit = DataParallelStrategy, DDPStrategy, ModelSplitStrategy, DDPSplitStrategy
 
 
 def _wrong(value: object) -> Any:
@@ -332,7 +335,18 @@ API_ROWS: list[Any] = [
     ("dp output_device=-1", lambda: DP(output_device=-1), {}, ValueError, "a CUDA index >= 0"),
     ("dp output_device=True", lambda: DP(output_device=True), {}, ValueError, "output_device=True"),
     ("ddp timeout=-1", lambda: DDPS(timeout=-1), {}, DDPConfigError, "timeout=-1"),
-    ("ddp timeout=0s", lambda: DDPS(timeout=timedelta(0)), {}, DDPConfigError, "must be a number > 0"),
+    ("ddp timeout=0s", lambda: DDPS(timeout=timedelta(0)), {}, DDPConfigError, "from 1 to 86400"),
+    (
+        "ddp timeout=0.001",
+        lambda: DDPS(timeout=0.001),
+        {},
+        DDPConfigError,
+        "timeout=0.001 (strategy.timeout)",
+    ),
+    ("ddp timeout=inf", lambda: DDPS(timeout=float("inf")), {}, DDPConfigError, "timeout=inf (strategy"),
+    ("ddp timeout=nan", lambda: DDPS(timeout=float("nan")), {}, DDPConfigError, "timeout=nan (strategy"),
+    ("ddp timeout=2 days", lambda: DDPS(timeout=timedelta(days=2)), {}, DDPConfigError, "(a day)"),
+    ("ddp_split timeout=inf", lambda: DDPSplit(timeout=float("inf")), {}, DDPConfigError, "timeout=inf"),
     ("ddp timeout=soon", lambda: DDPS(timeout=_wrong("soon")), {}, DDPConfigError, "timeout='soon'"),
     (
         "ddp backend=banana",
