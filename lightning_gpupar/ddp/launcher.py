@@ -38,6 +38,8 @@ from lightning.fabric.plugins.environments import ClusterEnvironment, LightningE
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_gpupar.ddp.rendezvous import check_rendezvous
+from lightning_gpupar.devices.agreement import check_strategy_devices
 from lightning_gpupar.devices.requests import AUTO_IDS_ENV, LAUNCHER_PID_ENV
 from lightning_gpupar.errors import GpuparError
 
@@ -105,7 +107,18 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         """Check the process layout, start this node's other ranks, then run ``function`` here."""
         _retire_previous_job()
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None:  # a strategy given its own devices, and a Trainer asking for others
+            check_strategy_devices(trainer, type(strategy).__name__, getattr(strategy, "node_devices", None))
         self._check_process_layout()
+        env = self.cluster_environment
+        timeout = getattr(strategy, "_timeout", None)
+        check_rendezvous(
+            env,
+            self.num_nodes,
+            env.node_rank() * self.num_processes + env.local_rank(),
+            timeout.total_seconds() if timeout is not None else None,
+        )
         check = getattr(getattr(trainer, "strategy", None), "check_before_launch", None)
         if check is not None:  # the strategy's own checks that need the model or loaders, before any child
             check(function, *args)

@@ -312,7 +312,61 @@ def _wrong(value: object) -> Any:
     return value
 
 
+CPU = torch.device("cpu")
+
+
+def _fit_on(devices: int | list[int], strategy: pl.strategies.Strategy, accelerator: str = "cpu") -> None:
+    """Fit a tiny model: a refusal must come before the first step."""
+    from tests.helpers.equivalence import TinyNet, make_data
+
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TinyNet(), DataLoader(make_data(), batch_size=8))
+    raise AssertionError(f"trained {trainer.global_step} step(s) on {trainer.strategy.root_device}")
+
+
+#: A strategy given parallel_devices and a Trainer(devices=...) that asks for others (1 on the CPU is
+#: what devices="auto" means there, so it cannot be told from the default and is accepted: see
+#: tests/devices/test_devices_agree.py).
+DEVICES_DISAGREE = "the strategy's list would win without a word"
+
 API_ROWS: list[Any] = [
+    (
+        "dp parallel_devices=[cpu]*3 devices=2",
+        lambda: _fit_on(2, DP(parallel_devices=[CPU] * 3)),
+        {},
+        DeviceSelectionError,
+        "Trainer(devices=2) asks for 2 device(s) (cpu, cpu), but DataParallelStrategy(parallel_devices=...)",
+    ),
+    (
+        "model_split parallel_devices=[cpu]*2 devices=3",
+        lambda: _fit_on(3, SPLIT(parallel_devices=[CPU] * 2)),
+        {},
+        DeviceSelectionError,
+        DEVICES_DISAGREE,
+    ),
+    (
+        "ddp parallel_devices=[cpu]*2 devices=3",
+        lambda: _fit_on(3, DDPS(parallel_devices=[CPU] * 2)),
+        {},
+        DeviceSelectionError,
+        "DDPStrategy(parallel_devices=...) was given 2 (cpu, cpu)",
+    ),
+    (
+        "ddp_split parallel_devices=[cpu]*4 devices=2",
+        lambda: _fit_on(2, DDPSplit(parallel_devices=[CPU] * 4)),
+        {},
+        DeviceSelectionError,
+        "DDPSplitStrategy(parallel_devices=...) was given 4",
+    ),
     ("dp output_device=banana", lambda: DP(output_device="banana"), {}, ValueError, "output_device='banana'"),
     # max_memory is checked when the strategy is built (its range once the devices are known)
     ("split max_memory -5", lambda: SPLIT(max_memory={0: -5}), {}, PlacementError, "not a positive size"),
