@@ -601,6 +601,13 @@ SUBPROCESS_ROWS: list[Any] = [
     (["model=mlp", "data=tokens"], {}, "model=mlp reads flat 64-feature digits"),
     ([*DDP], {"MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a TCP port"),
     (["hydra.run.dir={file}/run"], {}, "is a file, not a folder"),
+    # launch variables that made ddp wait strategy.timeout (30 minutes) at the rendezvous
+    ([*DDP], {"NODE_RANK": "1"}, "NODE_RANK=1 (LightningEnvironment), but trainer.num_nodes=1"),
+    (
+        [*DDP, "trainer.num_nodes=2"],
+        {"NODE_RANK": "1", "MASTER_ADDR": "node-0.gpupar.invalid"},
+        "MASTER_ADDR='node-0.gpupar.invalid' does not resolve to an address",
+    ),
 ]
 
 
