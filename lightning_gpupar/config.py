@@ -84,6 +84,7 @@ class ModelSplitFields:
     deferred_batch_norm: bool = True
     balance: str = "memory"
     trace: Any = None
+    schedule: str = "gpipe"
 
 
 @dataclass

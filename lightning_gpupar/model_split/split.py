@@ -19,6 +19,7 @@ from torch import nn
 from lightning_gpupar.model_split.balance import plan_by_time
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
+from lightning_gpupar.model_split.one_f_one_b import StagedPipeline, check_schedule, install_staged
 from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
 from lightning_gpupar.model_split.plan import (
     Placement,
@@ -39,6 +40,7 @@ class AppliedSplit:
 
     plan: PlacementPlan
     handles: list[PlacementHandle | PipelineHandle] = field(default_factory=list)
+    staged: StagedPipeline | None = None  #: ``schedule="1f1b"``: the pipeline run one micro-batch at a time
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -71,8 +73,10 @@ class ModelSplit:
     deferred_batch_norm: bool = True
     balance: str = "memory"
     trace: str | None = None
+    schedule: str = "gpipe"
 
     def __post_init__(self) -> None:
+        check_schedule(self.schedule)
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise PlacementError(f"chunks={self.chunks!r}: the number of micro-batches must be an int >= 1.")
         if not (self.placement is None or isinstance(self.placement, str | Mapping)):
@@ -174,11 +178,12 @@ class ModelSplit:
         trace = self.trace if first else None
         if self.chunks > 1:
             stages = self.pipeline_stages(module)
-            applied.handles.append(
-                install_pipeline(
-                    module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
-                )
+            handle = install_pipeline(
+                module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
             )
+            applied.handles.append(handle)
+            if self.schedule == "1f1b":
+                applied.staged = install_staged(handle)
         return applied
 
     def check_batch_size(self, batch_size: int | None) -> None:

@@ -55,6 +55,7 @@ SPLIT_OPTIONS = (
     "deferred_batch_norm",
     "balance",
     "trace",
+    "schedule",
 )
 
 

@@ -14,7 +14,8 @@ group); the launching process plans rank 0's placement before any other process 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,6 +36,7 @@ from lightning_gpupar.model_split.handoff import (
 from lightning_gpupar.strategies.ddp import DDPStrategy
 from lightning_gpupar.strategies.launcher import DDPLaunchError
 from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin, planning_inputs
+from lightning_gpupar.strategies.split_schedule import all_reduce_gradients
 
 
 class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
@@ -43,7 +45,7 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
     Args:
         devices_per_process: k >= 2 devices per process; the chosen device count must be a multiple of k.
         placement, chunks, stages, default_device, output_device, max_memory, no_split, checkpoint,
-        deferred_batch_norm, balance, trace:
+        deferred_batch_norm, balance, trace, schedule:
             how each process splits its copy, as in
             :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`; positions count within the
             process's own group (0..k-1).
@@ -68,6 +70,7 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         deferred_batch_norm: bool = True,
         balance: str = "memory",
         trace: str | None = None,
+        schedule: str = "gpipe",
         **ddp_kwargs: Any,
     ) -> None:
         if devices_per_process < 2:
@@ -87,6 +90,7 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
             deferred_batch_norm,
             balance,
             trace,
+            schedule,
         )
         self._all_devices: list[torch.device] | None = None
         self._check_group_positions(devices_per_process)
@@ -227,6 +231,19 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
             torch.distributed.barrier(device_ids=[self.root_device.index])
         else:
             torch.distributed.barrier()
+
+    @override
+    @contextmanager
+    def gradient_sync_blocked(self) -> Iterator[None]:
+        """1F1B interleaves several micro-batches' backwards: DDP's reducer stays out of them, and
+        :meth:`after_scheduled_backward` averages the accumulated gradients once."""
+        with self.block_backward_sync():
+            yield
+
+    @override
+    def after_scheduled_backward(self) -> None:
+        assert self.lightning_module is not None
+        all_reduce_gradients(self.lightning_module)
 
     def _check_group_positions(self, k: int) -> None:
         """Positions are relative to a process's group: one >= k would cross into another process."""
