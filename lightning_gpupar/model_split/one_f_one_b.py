@@ -113,12 +113,14 @@ class StagedPipeline:
         """One training step in 1F1B order: ``forward(m)`` runs micro-batch ``m``'s step and returns the loss
         to backpropagate (already weighted); gradients accumulate into ``.grad`` as usual."""
         records: dict[int, _MicroBatch] = {}
+        roots: list[list[tuple[Tensor, Tensor | None]]] = []
         norms = self.pipeline.batch_norms
         trace = self.pipeline.trace
         self._trace = trace if trace is not None and trace.begin_call() else None
+        order = one_f_one_b_order(num_microbatches, self.num_partitions)
         try:
             with norms.step() if norms is not None else contextlib.nullcontext():
-                for op, m, j in one_f_one_b_order(num_microbatches, self.num_partitions):
+                for n, (op, m, j) in enumerate(order):
                     if op == "F":
                         self._current, self._index = _MicroBatch(), m
                         try:
@@ -126,24 +128,35 @@ class StagedPipeline:
                         finally:
                             records[m], self._current = self._current, None
                         records[m].loss = loss
-                    else:
+                        continue
+                    roots.append(self._roots(records[m], j))
+                    if j == 0:
+                        del records[m]
+                    wave = m + self.num_partitions - 1 - j  # the forward this backward follows
+                    after = order[n + 1] if n + 1 < len(order) else ("F", -1, -1)
+                    if after[0] == "F" or after[1] + self.num_partitions - 1 - after[2] != wave:
+                        # one wave (partitions K-1, K-2, ... after one forward) touches different partitions
+                        # and micro-batches: one call runs it (on CUDA the engine's device threads run them
+                        # side by side); the next wave needs this one's gradients
                         with _paused(norms):
-                            self._backward(records[m], j)
-                        if j == 0:
-                            del records[m]
+                            _backward([pair for pairs in roots for pair in pairs])
+                        roots = []
         finally:
             self._current, self._trace = None, None
 
-    def _backward(self, record: _MicroBatch, j: int) -> None:
+    def _roots(self, record: _MicroBatch, j: int) -> list[tuple[Tensor, Tensor | None]]:
+        """Where partition ``j``'s backward of a micro-batch starts: its loss (last partition), else the
+        tensors it handed on, with the gradients the next partition's backward left on their leaves."""
         if j == self.num_partitions - 1:
             loss, record.loss = record.loss, None
-            if loss is not None and loss.requires_grad:
-                torch.autograd.backward(loss)
-            return
+            return [(loss, None)] if loss is not None and loss.requires_grad else []
         outputs, leaves = record.outputs.pop(j, []), record.leaves.pop(j, [])
-        pairs = [(o, leaf.grad) for o, leaf in zip(outputs, leaves, strict=True) if leaf.grad is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return [(o, leaf.grad) for o, leaf in zip(outputs, leaves, strict=True) if leaf.grad is not None]
+
+
+def _backward(pairs: list[tuple[Tensor, Tensor | None]]) -> None:
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
 def _detach_boundary(record: _MicroBatch, j: int, data: Any) -> Any:
