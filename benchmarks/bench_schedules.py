@@ -46,7 +46,7 @@ def build(args: argparse.Namespace) -> TransformerNet:
 
 
 def one_step(net: TransformerNet, split: Any, schedule: str, batch: tuple[torch.Tensor, ...], m: int) -> None:
-    """One forward + backward under ``schedule`` (as the strategy runs it: per micro-batch losses for 1F1B)."""
+    """One forward + backward under ``schedule`` (1F1B as the strategy runs it: per-micro-batch losses)."""
     x, y = batch
     if schedule == "gpipe" or split.staged is None:
         torch.nn.functional.cross_entropy(net(x), y).backward()
