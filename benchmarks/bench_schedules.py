@@ -4,7 +4,7 @@
 
 TransformerNet split in two stages (K=2, both on the CPU, as bench_pipeline.py splits it):
 
-- memory, for M in 1, 2, 4, 8: one training step under each schedule, measured with
+- memory, for M in 2, 4, 8, 16: one training step under each schedule, measured with
   :class:`~lightning_gpupar.model_split.saved.SavedActivations` (the peak number of micro-batches whose
   activations are alive on each stage, and the peak bytes autograd saved for backward there); with CUDA,
   the same step on ``cuda:0`` twice also reports ``torch.cuda.max_memory_allocated``;
@@ -35,7 +35,7 @@ from lightning_gpupar.model_split import ModelSplit
 from lightning_gpupar.model_split.saved import SavedActivations
 
 PLACEMENT = {"embed": 0, "blocks.0-1": 0, "blocks.2-3": 1, "head": 1}
-MEMORY_CHUNKS = (1, 2, 4, 8)
+MEMORY_CHUNKS = (2, 4, 8, 16)
 SPEED_CHUNKS = (4, 8)
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -63,7 +63,7 @@ def memory(args: argparse.Namespace, batch: tuple[torch.Tensor, ...], device: to
     for schedule in SCHEDULES:
         for m in MEMORY_CHUNKS:
             net = build(args)
-            split = ModelSplit(PLACEMENT, chunks=max(m, 2), schedule=schedule).apply(
+            split = ModelSplit(PLACEMENT, chunks=m, schedule=schedule).apply(
                 net, [device, device], f"{schedule} M={m}"
             )
             on = tuple(t.to(device) for t in batch)

@@ -13,6 +13,7 @@ prediction) the GPipe pipeline runs as usual.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from lightning_gpupar.model_split.errors import PipelineError
 from lightning_gpupar.model_split.pipeline import Pipeline
+from lightning_gpupar.model_split.plan import PlacementPlan
 
 #: What ``schedule=`` accepts: GPipe's fill-drain (all forwards, then all backwards) or 1F1B.
 SCHEDULES = ("gpipe", "1f1b")
@@ -210,3 +212,37 @@ def check_schedule(schedule: Any) -> str:
             "micro-batch's backward as soon as its forward left the last stage, holding fewer activations)."
         )
     return str(schedule)
+
+
+def activation_factors(plan: PlacementPlan, schedule: str, chunks: int) -> dict[int, float]:
+    """The share of a whole batch's activations each position holds at its peak: GPipe keeps all ``M``
+    micro-batches (1.0, what the plan measured on the example batch), 1F1B ``min(K - i, M) / M`` on the
+    ``i``-th of ``K`` partitions (positions in the order the plan's entries first use them)."""
+    order = list(dict.fromkeys(entry.position for entry in plan.entries))
+    if schedule != "1f1b" or chunks <= 1:
+        return dict.fromkeys(order, 1.0)
+    k = len(order)
+    return {position: min(k - i, chunks) / chunks for i, position in enumerate(order)}
+
+
+def plan_for_schedule(plan: PlacementPlan, schedule: str, chunks: int) -> PlacementPlan:
+    """``plan`` with each entry's activations scaled to what its stage holds under ``schedule``."""
+    factors = activation_factors(plan, schedule, chunks)
+    source = plan.sources.get("activations", "not counted")
+    if chunks <= 1 or not source.startswith("measured"):
+        return plan
+    if all(f == 1.0 for f in factors.values()):
+        note = f"; schedule {schedule}, M={chunks}: every stage holds all {chunks} micro-batches"
+        return dataclasses.replace(plan, sources={**plan.sources, "activations": source + note})
+    entries = tuple(
+        dataclasses.replace(
+            e,
+            memory=dataclasses.replace(
+                e.memory, activations=round(e.memory.activations * factors[e.position])
+            ),
+        )
+        for e in plan.entries
+    )
+    held = ", ".join(f"position {p}: {round(f * chunks)}" for p, f in factors.items())
+    note = f"; schedule 1f1b, M={chunks}: micro-batches alive per stage ({held}) = min(K - i, M)"
+    return dataclasses.replace(plan, entries=entries, sources={**plan.sources, "activations": source + note})

@@ -19,7 +19,12 @@ from torch import nn
 from lightning_gpupar.model_split.balance.by_time import plan_by_time
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
-from lightning_gpupar.model_split.one_f_one_b import StagedPipeline, check_schedule, install_staged
+from lightning_gpupar.model_split.one_f_one_b import (
+    StagedPipeline,
+    check_schedule,
+    install_staged,
+    plan_for_schedule,
+)
 from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
 from lightning_gpupar.model_split.plan import (
     Placement,
@@ -118,7 +123,8 @@ class ModelSplit:
         optimizer: torch.optim.Optimizer | None = None,
         example_input: Any = None,
     ) -> PlacementPlan:
-        """Where each submodule of ``module`` goes on ``devices``; computed without allocating.
+        """Where each submodule of ``module`` goes on ``devices``; computed without allocating. Activations
+        count what the schedule holds: all ``chunks`` micro-batches per stage (GPipe), or ``K - i`` (1F1B).
 
         ``optimizer`` and ``example_input`` make the training-memory estimate exact (see
         :func:`~lightning_gpupar.model_split.plan.plan_placement`)."""
@@ -127,7 +133,7 @@ class ModelSplit:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
         if self.balance == "time" and self.is_auto:
             chain = stages if stages is not None else infer_stages(module, self.no_split)
-            return plan_by_time(
+            timed = plan_by_time(
                 module,
                 devices,
                 chain,
@@ -135,7 +141,8 @@ class ModelSplit:
                 output_device=self.output_device,
                 max_memory=self.max_memory,
             )
-        return plan_placement(
+            return plan_for_schedule(timed, self.schedule, self.chunks)
+        placed = plan_placement(
             module,
             devices,
             self.placement,
@@ -147,6 +154,7 @@ class ModelSplit:
             optimizer=optimizer,
             example_input=example_input,
         )
+        return plan_for_schedule(placed, self.schedule, self.chunks)  # activations as the schedule holds them
 
     def pipeline_stages(self, module: nn.Module) -> list[str]:
         """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_gpupar.model_split import plan_placement
+from lightning_gpupar.model_split import ModelSplit, plan_placement
 from lightning_gpupar.model_split.one_f_one_b import (
     StagedPipeline,
     check_schedule,
@@ -45,12 +46,12 @@ def chain(stages: int, norm: bool = False, width: int = WIDTH) -> nn.Sequential:
 
 
 def pipelined(
-    model: nn.Sequential, chunks: int, recompute: Recompute = None
+    model: nn.Sequential, chunks: int, recompute: Recompute = None, trace: str | None = None
 ) -> tuple[Pipeline, StagedPipeline]:
     k = len(model)
     placement = {str(j): j for j in range(k)}
     plan = plan_placement(model, [torch.device("cpu")] * k, placement)
-    handle = install_pipeline(model, plan, list(placement), chunks, recompute)
+    handle = install_pipeline(model, plan, list(placement), chunks, recompute, trace=trace)
     return handle.pipeline, install_staged(handle)
 
 
@@ -199,3 +200,35 @@ def test_stage_zero_saves_k_over_m_of_gpipes_bytes() -> None:
     gpipe, staged = measure("gpipe", stages, chunks), measure("1f1b", stages, chunks)
     assert staged.peak_bytes[0] <= stages / chunks * gpipe.peak_bytes[0] * 1.05
     assert staged.peak_bytes[stages - 1] <= 1 / chunks * gpipe.peak_bytes[stages - 1] * 1.05
+
+
+def test_plans_count_the_micro_batches_each_schedule_holds() -> None:
+    model, (x, _) = chain(2, width=64), data(64, 6)
+    cpu2 = [torch.device("cpu")] * 2
+    plans = {
+        schedule: ModelSplit({"0": 0, "1": 1}, chunks=8, schedule=schedule).plan(model, cpu2, example_input=x)
+        for schedule in ("gpipe", "1f1b")
+    }
+    gpipe, staged = (plans[s].memory_per_position() for s in ("gpipe", "1f1b"))
+    assert gpipe[0].activations > 0 and gpipe[1].activations > 0
+    for position, held in ((0, 2), (1, 1)):  # K - i of the M=8 micro-batches
+        assert staged[position].activations == pytest.approx(gpipe[position].activations * held / 8, abs=1)
+        assert staged[position].params == gpipe[position].params
+    assert "position 0: 2, position 1: 1" in plans["1f1b"].table()
+    assert "every stage holds all 8 micro-batches" in plans["gpipe"].table()
+
+
+def test_the_trace_draws_one_f_one_b_with_backwards_between_forwards(tmp_path: Path) -> None:
+    model, (x, y) = chain(2), data(16, 6)
+    pipeline, staged = pipelined(model, 4, trace=str(tmp_path / "timeline"))
+    for _ in range(4):  # one warm-up step, three recorded
+        one_f_one_b(model, staged, x, y, 4)
+    assert pipeline.trace is not None
+    spans = [s for s in pipeline.trace.spans if s.step == 0]
+    pipeline.trace.finish()
+    assert (tmp_path / "timeline.json").exists()
+    start = {(s.phase, s.partition, s.microbatch): s.start for s in spans}
+    assert len(start) == 2 * 2 * 4  # every micro-batch's forward and backward on both partitions
+    # 1F1B: the last partition's backward of micro-batch 0 runs before stage 0's forward of micro-batch 2
+    assert start[("backward", 1, 0)] < start[("forward", 0, 2)]
+    assert start[("backward", 0, 0)] < start[("forward", 0, 3)]
