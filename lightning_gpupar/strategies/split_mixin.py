@@ -12,6 +12,7 @@ Trainer's devices for ``model_split``, a process's own group for ``ddp_split``);
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -27,6 +29,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementError, PlacementPlan
+from lightning_gpupar.model_split.precision import stage_autocast, stage_precisions
 from lightning_gpupar.strategies.split_schedule import check_one_f_one_b, one_f_one_b_step
 
 if TYPE_CHECKING:
@@ -120,9 +123,33 @@ class SplitStrategyMixin(_StrategyBase):
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(
-            self.model, self.split_devices, self.split_title, plan=self.make_plan()
-        )
+        plan = self.make_plan()
+        mixed = self.precision_plugin
+        if isinstance(mixed, MixedPrecision):
+            dtype = torch.bfloat16 if mixed.precision == "bf16-mixed" else torch.float16
+            plan = dataclasses.replace(plan, precision=stage_precisions(plan.devices, mixed.device, dtype))
+        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=plan)
+
+    @contextmanager
+    def _stage_autocast(self) -> Iterator[None]:
+        """Each stage's own autocast, for device types Lightning's does not cover (a CPU stage by GPUs)."""
+        with stage_autocast(self.applied.plan.precision if self.applied is not None else ()):
+            yield
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().predict_step(*args, **kwargs)
 
     def make_plan(self) -> PlacementPlan:
         """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input, in
@@ -161,10 +188,12 @@ class SplitStrategyMixin(_StrategyBase):
         if staged is not None and torch.is_grad_enabled():
             return self._scheduled_training_step(staged, args, kwargs)
         if self._pipeline_use_checked:
-            return super().training_step(*args, **kwargs)
+            with self._stage_autocast():
+                return super().training_step(*args, **kwargs)
         pipeline = self.applied.pipeline if self.applied is not None else None
         calls = pipeline.calls if pipeline is not None else 0
-        output = super().training_step(*args, **kwargs)
+        with self._stage_autocast():
+            output = super().training_step(*args, **kwargs)
         if pipeline is not None:
             self._pipeline_use_checked = True
             if pipeline.calls == calls:
@@ -182,7 +211,12 @@ class SplitStrategyMixin(_StrategyBase):
         module = self.lightning_module
         assert module is not None
         scaler = getattr(self.precision_plugin, "scaler", None)
-        step = super().training_step
+        training_step = super().training_step
+
+        def step(*step_args: Any, **step_kwargs: Any) -> Any:
+            with self._stage_autocast():
+                return training_step(*step_args, **step_kwargs)
+
         # Lightning zeroes gradients between training_step and backward: this step's gradients are kept
         # aside and added in backward(), so zero_grad and accumulation act on them as usual
         params = [p for p in module.parameters() if p.requires_grad]
