@@ -84,6 +84,10 @@ class Partition:
 
     def names(self) -> str:
         """How messages name the stages: ``blocks.2 (Block), blocks.3 (Block)``."""
+        return self._names
+
+    @functools.cached_property
+    def _names(self) -> str:  # computed once: every micro-batch's run names its partition
         named = []
         for k, stage in enumerate(self.stages):
             module = getattr(stage, "__self__", stage)  # a bound forward: its module
@@ -92,6 +96,10 @@ class Partition:
 
     def segments(self) -> list[tuple[tuple[Callable[..., Any], ...], bool]]:
         """The stages grouped into maximal runs of equal ``recomputed``, in order: (stages, recomputed)."""
+        return self._segments
+
+    @functools.cached_property
+    def _segments(self) -> list[tuple[tuple[Callable[..., Any], ...], bool]]:
         runs: list[tuple[tuple[Callable[..., Any], ...], bool]] = []
         for stage, recomputed in zip(self.stages, self.recomputed, strict=True):
             if runs and runs[-1][1] == recomputed:
