@@ -70,7 +70,7 @@ class RunFacts(Callback):
                 "start a new run (ckpt_path=null)."
             )
         keys = ("model.lr", "data.batch_size", "processes", "devices", "seed")
-        self._changed = _changes({k: old.get(k) for k in keys}, {k: self.facts[k] for k in keys})
+        self._changed = _changes({k: old.get(k) for k in keys}, {k: self.facts.get(k) for k in keys})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         changed, self._changed = self._changed, {}

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    """Fit, test, and return the test metrics (plus the best checkpoint's path, as ``best_ckpt``)."""
+    """Fit, then test the best checkpoint (or the final weights when there is none); the test metrics."""
     checkpoint_dir = output_dir / "checkpoints"
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir)  # a wrong path fails before training
     pl.seed_everything(cfg.seed, workers=True)

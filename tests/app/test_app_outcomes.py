@@ -12,13 +12,14 @@ import csv
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import MagicMock
 
 import pytest
 import torch
 from omegaconf import DictConfig
 
 from examples.checks import validate_app_config
-from examples.run_facts import ResumeMismatchError
+from examples.run_facts import CHECKPOINT_KEY, ResumeMismatchError, RunFacts
 from examples.train import train
 from tests.helpers.app_runs import STRATEGIES, TINY, finish, output, progress, start
 
@@ -183,3 +184,12 @@ def test_a_nan_loss_stops_the_run_at_its_first_step_with_status_1(tmp_path: Path
     assert "The training loss is nan at step 0 (epoch 0, batch 0)" in said, said[-3000:]
     assert "stop_on_nonfinite_loss=false" in said
     assert not list((run / "checkpoints").glob("*.ckpt")) if (run / "checkpoints").exists() else True
+
+
+def test_a_new_lr_is_refused_when_the_model_has_schedulers(compose_app: Callable[..., DictConfig]) -> None:
+    """A scheduler's state in the checkpoint is built on the old rate: setting a new one would mix them."""
+    facts = RunFacts(compose_app("model.lr=0.001"))
+    trainer = MagicMock(lr_scheduler_configs=[MagicMock()])
+    facts.on_load_checkpoint(trainer, MagicMock(), {CHECKPOINT_KEY: {**facts.facts, "model.lr": 0.003}})
+    with pytest.raises(ResumeMismatchError, match=r"model.lr changed from 0.003 to 0.001, but the model has"):
+        facts.on_train_start(trainer, MagicMock())
