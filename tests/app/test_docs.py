@@ -4,7 +4,7 @@ and Hydra config choice a page names exists."""
 from __future__ import annotations
 
 import re
-import tomllib
+from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,8 @@ def _make_targets() -> set[str]:
 
 
 def _scripts() -> set[str]:
-    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+    entry_points = distribution("lightning-gpupar").entry_points
+    return {entry.name for entry in entry_points if entry.group == "console_scripts"}
 
 
 def test_the_readme_is_short_and_links_every_page() -> None:
