@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import nn
 
 from lightning_gpupar.model_split.balance.by_time import RunPrecision, plan_by_time
+from lightning_gpupar.model_split.device_map import DEVICE_MAP
 from lightning_gpupar.model_split.errors import PipelineError, PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
 from lightning_gpupar.model_split.pipeline import (
@@ -35,6 +36,8 @@ from lightning_gpupar.model_split.plan import (
     plan_placement,
 )
 
+#: The placements named by a word: balanced by us, or read from the model's ``hf_device_map``.
+PLACEMENTS = ("auto", DEVICE_MAP)
 #: What ``placement="auto"`` balances: parameter and buffer bytes, or measured forward + backward times.
 BALANCES = ("memory", "time")
 
@@ -91,9 +94,11 @@ class ModelSplit:
     def __post_init__(self) -> None:
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise PlacementError(f"chunks={self.chunks!r}: the number of micro-batches must be an int >= 1.")
-        if not (self.placement is None or isinstance(self.placement, str | Mapping)):
+        placement = self.placement
+        if not (placement is None or placement in PLACEMENTS or isinstance(placement, Mapping)):
             raise PlacementError(
-                f"placement={self.placement!r}: write 'auto' or a map of submodule paths to device positions."
+                f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, or "
+                "'device_map' (the model's hf_device_map)."
             )
         if self.balance not in BALANCES:
             raise PlacementError(
@@ -117,7 +122,7 @@ class ModelSplit:
 
     def positions_used(self) -> set[int]:
         """The positions a placement map names (empty for ``"auto"``), plus the declared defaults."""
-        named = set() if self.is_auto else {int(v) for v in dict(self.placement).values()}  # type: ignore[arg-type]
+        named = {int(v) for v in self.placement.values()} if isinstance(self.placement, Mapping) else set()
         return named | {p for p in (self.default_device, self.output_device) if p is not None}
 
     def plan(
@@ -162,17 +167,23 @@ class ModelSplit:
         )
 
     def pipeline_stages_declared(self) -> list[str] | None:
-        """The stage sequence as declared (``stages``, else the map's keys in order); ``None``: inferred."""
+        """The stage sequence as declared (``stages``, else the map's keys in order); ``None``: inferred
+        (or, for ``"device_map"``, read from the plan)."""
         if self.stages is not None:
             return list(self.stages)
         if isinstance(self.placement, Mapping):
             return [str(key) for key in self.placement]
         return None
 
-    def pipeline_stages(self, module: nn.Module) -> list[str]:
-        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""
+    def pipeline_stages(self, module: nn.Module, plan: PlacementPlan | None = None) -> list[str]:
+        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, the device map's
+        entries in execution order (from ``plan``), or inferred."""
         declared = self.pipeline_stages_declared()
-        return declared if declared is not None else infer_stages(module, self.no_split)
+        if declared is not None:
+            return declared
+        if self.placement == DEVICE_MAP and plan is not None:
+            return [e.path for e in plan.entries if e.source == "map" and not e.own_only]
+        return infer_stages(module, self.no_split)
 
     def apply(
         self,
@@ -202,7 +213,8 @@ class ModelSplit:
                 "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
                 category=UserWarning,
             )
-        if self.chunks == 1 and recomputed_stages(module, self.pipeline_stages(module), self.checkpoint):
+        stages = self.pipeline_stages(module, plan)
+        if self.chunks == 1 and recomputed_stages(module, stages, self.checkpoint):
             rank_zero_warn(  # the names are checked all the same: a typo fails now, not once chunks grows
                 f"checkpoint={self.checkpoint!r} recomputes pipeline stages in backward, but chunks=1 runs "
                 "no pipeline: it has no effect. Use chunks > 1, or torch.utils.checkpoint in the model.",
@@ -211,7 +223,6 @@ class ModelSplit:
         first = getattr(rank_zero_only, "rank", 0) == 0  # ddp_split: one process writes the trace
         trace = self.trace if first else None
         if self.chunks > 1:
-            stages = self.pipeline_stages(module)
             applied.handles.append(
                 install_pipeline(
                     module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace

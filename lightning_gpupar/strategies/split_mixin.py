@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -30,6 +31,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementError, PlacementPlan
+from lightning_gpupar.model_split.precision import stage_autocast, stage_precisions
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy as _StrategyBase
@@ -184,9 +186,12 @@ class SplitStrategyMixin(_StrategyBase):
         ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(
-            self.model, self.split_devices, self.split_title, plan=self.make_plan()
-        )
+        plan = self.make_plan()
+        mixed = self.precision_plugin
+        if isinstance(mixed, MixedPrecision):
+            dtype = torch.bfloat16 if mixed.precision == "bf16-mixed" else torch.float16
+            plan = dataclasses.replace(plan, precision=stage_precisions(plan.devices, mixed.device, dtype))
+        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=plan)
 
     def make_plan(self) -> PlacementPlan:
         """The plan :meth:`model_to_device` applies: this fit's (:meth:`planned`), its output on the device
@@ -216,6 +221,27 @@ class SplitStrategyMixin(_StrategyBase):
         with _EmptyInit(enabled=bool(empty_init)), self.precision_plugin.tensor_init_context():
             yield
 
+    @contextmanager
+    def _stage_autocast(self) -> Iterator[None]:
+        """Each stage's own autocast, for device types Lightning's does not cover (a CPU stage by GPUs)."""
+        with stage_autocast(self.applied.plan.precision if self.applied is not None else ()):
+            yield
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().predict_step(*args, **kwargs)
+
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
@@ -241,10 +267,12 @@ class SplitStrategyMixin(_StrategyBase):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The LightningModule's step; after the first one, warn if ``chunks > 1`` had no effect."""
         if self._pipeline_use_checked:
-            return super().training_step(*args, **kwargs)
+            with self._stage_autocast():
+                return super().training_step(*args, **kwargs)
         pipeline = self.applied.pipeline if self.applied is not None else None
         calls = pipeline.calls if pipeline is not None else 0
-        output = super().training_step(*args, **kwargs)
+        with self._stage_autocast():
+            output = super().training_step(*args, **kwargs)
         if pipeline is not None:
             self._pipeline_use_checked = True
             if pipeline.calls == calls:
