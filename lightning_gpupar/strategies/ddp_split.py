@@ -151,12 +151,13 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         group = self._all_devices[: self.devices_per_process]
         inputs = planning_inputs(model)
         plan = self.split.plan(model, group, **inputs)
+        if getattr(function, "__name__", "") == "_fit_impl":
+            self.split.check_batch_size(_declared_batch_size(loaders, datamodule))
+        # only a launch that goes ahead hands its plan on: a refused one leaves no plan for a later fit
         os.environ[PLAN_ENV] = plan_to_json(plan)  # the ranks this process starts place by this plan
         # when this process goes on as rank 0, this is its plan for the fit (see SplitStrategyMixin.planned)
         key = (id(model), tuple(group), module_signature(model))
         self.fit_plan = FitPlan(key, plan, final="optimizer" in inputs)
-        if getattr(function, "__name__", "") == "_fit_impl":
-            self.split.check_batch_size(_declared_batch_size(loaders, datamodule))
 
     @override
     def compute_plan(
