@@ -1,14 +1,7 @@
 """DDPSplitStrategy (``strategy="ddp_split"``): DDP where each process owns a group of devices holding one
 split copy of the model.
 
-The D chosen devices form D/k groups of k (``devices_per_process``); process r owns devices
-``r*k .. r*k+k-1`` and splits its copy over them as :class:`~lightning_gpupar.model_split.ModelSplit` says
-(placement positions count within the group, 0..k-1). DDP wraps the split module with
-``device_ids=None`` and all-reduces gradients across processes as usual.
-
-What differs from plain DDP, top to bottom: Lightning counts one device per process (the first of each
-group); the launching process plans rank 0's placement before any other process starts; each process's
-``model_to_device`` places its copy over its group (:class:`SplitStrategyMixin`); DDP is told no device ids.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/ddp_split.py``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """The Lightning side of a :class:`~lightning_gpupar.model_split.ModelSplit`, shared by ``model_split`` and
 ``ddp_split``: the hooks through which a strategy places its model copy over a list of devices.
 
-A strategy using it says which devices the split spans (:attr:`SplitStrategyMixin.split_devices`: all the
-Trainer's devices for ``model_split``, a process's own group for ``ddp_split``); the mixin then
-
-- puts the batch on the split's output device (``root_device``), where outputs, loss and metrics live;
-- plans once per fit (:class:`FitPlan`): the plan that answers ``root_device`` before placement is the one
-  ``model_to_device`` prints, checks and applies; ``teardown`` takes it off and forgets it;
-- keeps optimizer state with its parameters (Lightning moves all of it to ``root_device``);
-- checks the training batches against ``chunks`` and warns when a step bypasses the pipeline.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/split_mixin.py``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Balance by time: split the stage chain so that the slowest device is as fast as possible.
 
-``placement="auto"`` balances parameter bytes by default. With ``balance="time"`` (torchgpipe's
-``balance_by_time`` idea) :func:`plan_by_time`
-
-1. runs the LightningModule's ``example_input_array`` through the model once (no gradients, buffers and
-   RNG restored) to record the input of every stage;
-2. times each stage's forward + backward on that input on the first device, one stage there at a time
-   (warm-up, then a few repetitions, the median): :func:`measure_stage_times`;
-3. cuts the chain into K contiguous groups minimising the slowest group's time, with each group's
-   parameter bytes under its device's ``max_memory`` cap: :func:`partition_chain` (exact dynamic
-   programme over the cut points);
-4. places the groups with the ordinary planner, so the plan and its table are the usual ones plus the
-   measured time of each device's stages and the expected GPipe bubble ``(K-1)/(M+K-1)``.
-
-Given the run's ``precision`` (Lightning's precision plugin, once it converted the module), the sample is
-converted as training batches are and every forward runs in its ``forward_context``: stages are timed in
-the dtype, or under the autocast, the run uses. The times come from one device type and one sample, so
-they rank the stages; they do not predict step times on other hardware.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/balance/by_time.py``.
 """
 
 from __future__ import annotations
