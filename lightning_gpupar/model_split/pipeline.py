@@ -115,7 +115,7 @@ class Pipeline:
         ready: list[torch.cuda.Event | None] = [start] * len(shards)  # data[i] is valid once ready[i] fired
         norms = self.batch_norms.step() if self.batch_norms is not None else contextlib.nullcontext()
         trace = self.trace if self.trace is not None and self.trace.begin_call() else None
-        with norms:
+        with norms:  # commits the deferred BatchNorm statistics at its end, on the caller's stream ...
             for tick in gpipe_schedule(len(shards), len(self.partitions)):
                 for i, j in tick:
                     p = self.partitions[j]
@@ -123,8 +123,8 @@ class Pipeline:
                         data[i], ready[i] = trace.run(self._run, i, j, p.device, p, data[i], ready[i], j == 0)
                     else:
                         data[i], ready[i] = self._run(p, data[i], ready[i], first=j == 0)
-        outputs = [streams.deliver(d, r, self.output_device) for d, r in zip(data, ready, strict=True)]
-        streams.end()
+            outputs = [streams.deliver(d, r, self.output_device) for d, r in zip(data, ready, strict=True)]
+            streams.end()  # ... so first the caller's streams wait for the streams that computed them
         return gather_outputs(outputs, sizes, self.output_device)
 
     def _run(
