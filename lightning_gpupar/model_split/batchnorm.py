@@ -66,7 +66,8 @@ class _Moments:
 
     def add(self, other: _Moments) -> _Moments:
         """Chan et al.'s combination of two disjoint sets of samples."""
-        other = _Moments(_to(other.count, self.mean), _to(other.mean, self.mean), _to(other.m2, self.mean))
+        like = self.mean
+        other = _Moments(_to(other.count, like), other.mean.to(like), other.m2.to(like))
         count = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * other.count / count
