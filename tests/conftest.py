@@ -19,8 +19,8 @@ import lightning.pytorch.accelerators.cuda
 import pytest
 import torch
 
-from lightning_gpupar import devices
 from lightning_gpupar.devices import GPUInfo
+from lightning_gpupar.devices import requests as devices
 from tests.helpers.markers import GiB
 
 ROOT = Path(__file__).resolve().parents[1]

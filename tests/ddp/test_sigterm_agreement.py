@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_gpupar.strategies.signals import DDPSignalConnector
+from lightning_gpupar.ddp.signals import DDPSignalConnector
 from tests.helpers.markers import requires_cuda
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_gpupar.errors import GpuparError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge
 from lightning_gpupar.model_split.paths import holds_tensors, join
 
@@ -50,7 +51,7 @@ class ChainUnit:
 Partitioner = Callable[[Sequence[ChainUnit], Sequence[float]], list[int]]
 
 
-class NoFit(Exception):
+class NoFit(GpuparError):
     """The chain units cannot be placed under the caps."""
 
 
@@ -95,7 +96,7 @@ def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_s
         fits = used[pos] + cost <= caps[pos]
         if fits and (used[pos] + cost <= target or pos == n - 1):
             pass
-        elif not own_only and _splittable(path, module, no_split):
+        elif not own_only and _can_descend(path, module, no_split):
             children = [(join(path, name), False) for name, _ in module.named_children()]
             children.sort(key=lambda unit: key[unit[0]])
             own = [(path, True)] if holds_tensors(module, recurse=False) else []
@@ -111,7 +112,9 @@ def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_s
     return units
 
 
-def _splittable(path: str, module: nn.Module, no_split: set[str]) -> bool:
+def _can_descend(path: str, module: nn.Module, no_split: set[str]) -> bool:
+    """Whether the walk may place ``module``'s children apart: not kept whole, children hold tensors, and
+    it has no tensors of its own (its forward may use them beside any child's output)."""
     if type(module).__name__ in no_split or not any(holds_tensors(c) for c in module.children()):
         return False
     return path == "" or not holds_tensors(module, recurse=False)
