@@ -280,6 +280,7 @@ def test_the_transformer_example_trains_split_and_pipelined(
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["test_loss"] > 0
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("second", ["cuda:0", "cpu"])
 def test_two_stages_on_a_gpu_equal_single_device(single: TokenNet, second: str) -> None:
