@@ -90,3 +90,42 @@ def test_time_balance_needs_a_sample_and_a_known_choice() -> None:
         ModelSplit("auto", balance="time").plan(chain, CPU2)
     with pytest.raises(PlacementError, match=r"balance='speed'.*'memory', 'time'"):
         ModelSplit("auto", balance="speed")
+
+
+def test_stages_are_timed_under_the_runs_autocast() -> None:
+    """Issue 23 point 8: under a mixed precision the stages run in the autocast dtype when timed (a bf16 run
+    timed in float32 ranks stages by the wrong costs)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_gpupar.model_split.balance.by_time import measure_stage_times
+
+    class Recording(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(8, 8)
+            self.dtypes: list[torch.dtype] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            self.dtypes.append(out.dtype)
+            return out
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Sequential(Recording(), Recording())
+            self.example_input_array = torch.randn(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+    net = Net()
+    net._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))  # type: ignore[assignment]
+    measure_stage_times(net, ["model.0", "model.1"], net.example_input_array, torch.device("cpu"), repeats=1)
+    assert net.model[0].dtypes and set(net.model[0].dtypes) == {torch.bfloat16}  # type: ignore[union-attr]
+    assert set(net.model[1].dtypes) == {torch.bfloat16}  # type: ignore[union-attr]
+    del net._trainer
+    plain = Net()
+    measure_stage_times(plain, ["model.0"], plain.example_input_array, torch.device("cpu"), repeats=1)
+    assert set(plain.model[0].dtypes) == {torch.float32}  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ times on other hardware.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
@@ -92,10 +94,11 @@ def measure_stage_times(
     RNG state are as before.
     """
     modules = [root.get_submodule(path) for path in stages]
-    inputs = _stage_inputs(root, modules, sample)
+    with _run_autocast(root):
+        inputs = _stage_inputs(root, modules, sample)
     times = []
     gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=gpus), _buffers_kept(modules):
+    with torch.random.fork_rng(devices=gpus), _buffers_kept(modules), _run_autocast(root):
         for module, (args, kwargs) in zip(modules, inputs, strict=True):
             home = next((t.device for t in [*module.parameters(), *module.buffers()]), device)
             grads = {p: None if p.grad is None else p.grad.clone() for p in module.parameters()}
@@ -179,6 +182,15 @@ def plan_by_time(
     timed = tuple(zip(paths, groups, times, strict=True))
     base = {f.name: getattr(plan, f.name) for f in fields(plan)}
     return TimedPlan(**{**base, "entries": entries}, stage_times=timed, chunks=chunks)
+
+
+def _run_autocast(root: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """The autocast of the run ``root`` (a LightningModule) trains in, when its Trainer uses a mixed
+    precision: stages are timed in the dtypes they train in (bf16 matmuls rank stages unlike float32)."""
+    plugin = getattr(getattr(root, "_trainer", None), "precision_plugin", None)
+    if isinstance(plugin, MixedPrecision):
+        return plugin.autocast_context_manager()
+    return contextlib.nullcontext()
 
 
 def _stage_inputs(root: nn.Module, modules: Sequence[nn.Module], sample: Any) -> list[tuple[Any, Any]]:
