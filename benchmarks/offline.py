@@ -29,7 +29,7 @@ PINS = {"hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "
 #: archive, so it is built into a wheel (``pip wheel``) on the connected machine.
 PURE = {"hydra-core", "omegaconf"}
 BUILT = {"antlr4-python3-runtime"}
-WHEELHOUSE = "gpupar-wheelhouse"
+WHEELHOUSE = "gpu-check-wheels"
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ class Pipeline:
         data: list[Any] = list(shards)
         ready: list[torch.cuda.Event | None] = [start] * len(shards)  # data[i] is valid once ready[i] fired
         norms = self.batch_norms.step() if self.batch_norms is not None else contextlib.nullcontext()
-        trace = self.trace if self.trace is not None and self.trace.begin_call() else None
+        devices = [p.device for p in self.partitions]
+        trace = self.trace if self.trace is not None and self.trace.begin_call(devices) else None
         with norms:  # commits the deferred BatchNorm statistics at its end, on the caller's stream ...
             for tick in gpipe_schedule(len(shards), len(self.partitions)):
                 for i, j in tick:
@@ -133,6 +134,8 @@ class Pipeline:
         """Run one micro-batch through one partition; returns its output and the event that marks it done."""
         data, ready = self.streams.transfer(data, ready, partition.device)
         with self.streams.compute(partition.device, data, ready):
+            if self.trace is not None:  # on CUDA: an event once the compute stream has its input
+                self.trace.mark_start(partition.device)
             steps = zip(partition.stages, partition.recomputed, strict=True)
             for k, (stage, recomputed) in enumerate(steps):
                 args, kwargs = data if first and k == 0 else ((data,), {})
@@ -140,6 +143,8 @@ class Pipeline:
                     data = recompute_in_backward(stage, *args, use_reentrant=False, **kwargs)
                 else:
                     data = stage(*args, **kwargs)
+            if self.trace is not None:
+                self.trace.mark_end(partition.device)
         return data, self.streams.record(partition.device)
 
 

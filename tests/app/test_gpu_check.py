@@ -46,8 +46,8 @@ def test_without_a_gpu_or_an_index_it_says_so_and_exits_non_zero_installing_noth
     assert "Nothing was installed" in done.stdout
     assert "Traceback" not in done.stderr
     assert not (hidden / "pip-was-called").exists()
-    assert "pip wheel --no-deps -w gpupar-wheelhouse antlr4-python3-runtime==4.9.3" in done.stdout
-    install = "--no-index --find-links gpupar-wheelhouse hydra-core omegaconf antlr4-python3-runtime"
+    assert "pip wheel --no-deps -w gpu-check-wheels antlr4-python3-runtime==4.9.3" in done.stdout
+    install = "--no-index --find-links gpu-check-wheels hydra-core omegaconf antlr4-python3-runtime"
     assert install in done.stdout
 
 
@@ -88,11 +88,11 @@ def test_wheelhouse_instructions_for_missing_packages() -> None:
         offline.Missing("yaml", "PyYAML", False, ""),
     ]
     text = offline.wheelhouse_instructions(missing, python="/usr/bin/python3")
-    assert "pip download --no-deps --only-binary=:all: -d gpupar-wheelhouse hydra-core==1.3.8" in text
-    assert "pip wheel --no-deps -w gpupar-wheelhouse antlr4-python3-runtime==4.9.3" in text
+    assert "pip download --no-deps --only-binary=:all: -d gpu-check-wheels hydra-core==1.3.8" in text
+    assert "pip wheel --no-deps -w gpu-check-wheels antlr4-python3-runtime==4.9.3" in text
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     assert f"--python-version {version} --platform manylinux2014_" in text and "PyYAML==6.0.4" in text
     assert text.splitlines()[-1] == (
-        "    /usr/bin/python3 -m pip install --no-index --find-links gpupar-wheelhouse "
+        "    /usr/bin/python3 -m pip install --no-index --find-links gpu-check-wheels "
         "hydra-core antlr4-python3-runtime PyYAML"
     )
