@@ -29,6 +29,7 @@ from torch import nn
 from lightning_gpupar.devices.sizes import format_bytes, parse_bytes
 from lightning_gpupar.model_split import table
 from lightning_gpupar.model_split.balance import by_memory as auto
+from lightning_gpupar.model_split.device_map import DEVICE_MAP, device_map_placement
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge, measure_model
 from lightning_gpupar.model_split.paths import (
@@ -41,6 +42,7 @@ from lightning_gpupar.model_split.paths import (
     module_bytes,
     uncovered,
 )
+from lightning_gpupar.model_split.precision import StagePrecision
 
 Placement = Mapping[str, int] | str | None
 
@@ -109,6 +111,7 @@ class PlacementPlan:
     caps: tuple[float, ...] = ()  # max_memory per position (inf: none)
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # how each part was found
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)  # shared parameter -> its owner
+    precision: tuple[StagePrecision, ...] = ()  # under mixed precision: how each position computes
 
     @property
     def output_device(self) -> torch.device:
@@ -140,7 +143,17 @@ class PlacementPlan:
 
     def table(self, free_bytes: Callable[[torch.device], int | None] | None = None) -> str:
         """The plan as text: one row per submodule, the totals per device, then the memory per device."""
-        return self.entry_table() + "\n\n" + table.memory_table(self, free_bytes)
+        return self.entry_table() + self.precision_lines() + "\n\n" + table.memory_table(self, free_bytes)
+
+    def precision_lines(self) -> str:
+        """Under mixed precision, how each device computes (``""`` otherwise)."""
+        if not self.precision:
+            return ""
+        lines = [
+            f"  {pos} ({device}): {p.describe()}"
+            for pos, (device, p) in enumerate(zip(self.devices, self.precision, strict=True))
+        ]
+        return "\n\nprecision per device:\n" + "\n".join(lines)
 
     def entry_table(self) -> str:
         """One row per submodule, then the parameter totals per device."""
@@ -204,8 +217,10 @@ def plan_placement(
 ) -> PlacementPlan:
     """Plan where each submodule of ``root`` goes, without moving anything.
 
-    ``placement``: a map of submodule paths (ranges allowed) to positions in ``devices``, or ``"auto"``
-    (``None`` means ``"auto"``). Tensors outside the map go to ``default_device`` or are an error.
+    ``placement``: a map of submodule paths (ranges allowed) to positions in ``devices``, ``"auto"``
+    (``None`` means ``"auto"``), or ``"device_map"``: the model's ``hf_device_map``
+    (:mod:`~lightning_gpupar.model_split.device_map`). Tensors outside the map go to ``default_device`` or
+    are an error.
     ``stages``: for ``"auto"``, the ordered units to place, each whole (default: walk the module tree).
     ``output_device``: the position where outputs land (default: the last placed submodule's).
     ``max_memory``: ``{position: "10GiB"}`` caps on the training memory of each position.
@@ -227,10 +242,18 @@ def plan_placement(
     order = auto.execution_order(root, memory)
     if placement is None or placement == "auto":
         entries = _auto(root, devices, stages, caps, no_split, memory, partition or auto.balance_memory)
+    elif placement == DEVICE_MAP:
+        try:
+            entries = _manual(root, devices, device_map_placement(root, devices), default_device)
+            _check_tied(root, entries)
+        except PlacementError as err:
+            if str(err).startswith("placement='device_map'"):
+                raise
+            raise PlacementError(f"placement='device_map' (read from hf_device_map): {err}") from None
     elif isinstance(placement, str):
         raise PlacementError(
-            f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, "
-            "e.g. {model.encoder: 0, model.decoder: 1}."
+            f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, e.g. "
+            "{model.encoder: 0, model.decoder: 1}, or 'device_map' (the model's hf_device_map)."
         )
     else:
         entries = _manual(root, devices, placement, default_device)

@@ -16,10 +16,17 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
-from lightning_gpupar.model_split.balance.by_time import plan_by_time
-from lightning_gpupar.model_split.errors import PlacementError
+from lightning_gpupar.model_split.balance.by_time import RunPrecision, plan_by_time
+from lightning_gpupar.model_split.device_map import DEVICE_MAP
+from lightning_gpupar.model_split.errors import PipelineError, PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
-from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
+from lightning_gpupar.model_split.pipeline import (
+    Pipeline,
+    PipelineHandle,
+    Recompute,
+    install_pipeline,
+    recomputed_stages,
+)
 from lightning_gpupar.model_split.plan import (
     Placement,
     PlacementPlan,
@@ -29,6 +36,8 @@ from lightning_gpupar.model_split.plan import (
     plan_placement,
 )
 
+#: The placements named by a word: balanced by us, or read from the model's ``hf_device_map``.
+PLACEMENTS = ("auto", DEVICE_MAP)
 #: What ``placement="auto"`` balances: parameter and buffer bytes, or measured forward + backward times.
 BALANCES = ("memory", "time")
 
@@ -85,9 +94,11 @@ class ModelSplit:
     def __post_init__(self) -> None:
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise PlacementError(f"chunks={self.chunks!r}: the number of micro-batches must be an int >= 1.")
-        if not (self.placement is None or isinstance(self.placement, str | Mapping)):
+        placement = self.placement
+        if not (placement is None or placement in PLACEMENTS or isinstance(placement, Mapping)):
             raise PlacementError(
-                f"placement={self.placement!r}: write 'auto' or a map of submodule paths to device positions."
+                f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, or "
+                "'device_map' (the model's hf_device_map)."
             )
         if self.balance not in BALANCES:
             raise PlacementError(
@@ -96,6 +107,13 @@ class ModelSplit:
             )
         parse_max_memory(self.max_memory)  # keys and sizes fail here, before any Trainer exists
         self.stages = list(self.stages) if self.stages is not None else None
+        if self.chunks > 1 and self.pipeline_stages_declared() == []:
+            named = "stages=[]" if self.stages is not None else "placement={}"
+            raise PipelineError(
+                f"chunks={self.chunks} pipelines a sequence of stages, but {named} names none. Name the "
+                "stages in the order the forward calls them (strategy.stages=[...] or the placement's "
+                "keys), use placement='auto' (the stages are inferred), or chunks=1."
+            )
         self.no_split = list(self.no_split or ())
 
     @property
@@ -104,7 +122,7 @@ class ModelSplit:
 
     def positions_used(self) -> set[int]:
         """The positions a placement map names (empty for ``"auto"``), plus the declared defaults."""
-        named = set() if self.is_auto else {int(v) for v in dict(self.placement).values()}  # type: ignore[arg-type]
+        named = {int(v) for v in self.placement.values()} if isinstance(self.placement, Mapping) else set()
         return named | {p for p in (self.default_device, self.output_device) if p is not None}
 
     def plan(
@@ -113,11 +131,14 @@ class ModelSplit:
         devices: Sequence[torch.device],
         optimizer: torch.optim.Optimizer | None = None,
         example_input: Any = None,
+        precision: RunPrecision | None = None,
     ) -> PlacementPlan:
-        """Where each submodule of ``module`` goes on ``devices``; computed without allocating.
+        """Where each submodule of ``module`` goes on ``devices``; computed without allocating (but for
+        ``balance="time"``, which runs the stages).
 
         ``optimizer`` and ``example_input`` make the training-memory estimate exact (see
-        :func:`~lightning_gpupar.model_split.plan.plan_placement`)."""
+        :func:`~lightning_gpupar.model_split.plan.plan_placement`); ``precision``: the run's, in which
+        ``balance="time"`` times the stages of the already converted module."""
         stages = self.stages
         if stages is None and self.chunks > 1 and self.is_auto:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
@@ -130,6 +151,7 @@ class ModelSplit:
                 chunks=self.chunks,
                 output_device=self.output_device,
                 max_memory=self.max_memory,
+                precision=precision,
             )
         return plan_placement(
             module,
@@ -144,12 +166,23 @@ class ModelSplit:
             example_input=example_input,
         )
 
-    def pipeline_stages(self, module: nn.Module) -> list[str]:
-        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""
+    def pipeline_stages_declared(self) -> list[str] | None:
+        """The stage sequence as declared (``stages``, else the map's keys in order); ``None``: inferred
+        (or, for ``"device_map"``, read from the plan)."""
         if self.stages is not None:
             return list(self.stages)
         if isinstance(self.placement, Mapping):
             return [str(key) for key in self.placement]
+        return None
+
+    def pipeline_stages(self, module: nn.Module, plan: PlacementPlan | None = None) -> list[str]:
+        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, the device map's
+        entries in execution order (from ``plan``), or inferred."""
+        declared = self.pipeline_stages_declared()
+        if declared is not None:
+            return declared
+        if self.placement == DEVICE_MAP and plan is not None:
+            return [e.path for e in plan.entries if e.source == "map" and not e.own_only]
         return infer_stages(module, self.no_split)
 
     def apply(
@@ -180,10 +213,16 @@ class ModelSplit:
                 "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
                 category=UserWarning,
             )
+        stages = self.pipeline_stages(module, plan)
+        if self.chunks == 1 and recomputed_stages(module, stages, self.checkpoint):
+            rank_zero_warn(  # the names are checked all the same: a typo fails now, not once chunks grows
+                f"checkpoint={self.checkpoint!r} recomputes pipeline stages in backward, but chunks=1 runs "
+                "no pipeline: it has no effect. Use chunks > 1, or torch.utils.checkpoint in the model.",
+                category=UserWarning,
+            )
         first = getattr(rank_zero_only, "rank", 0) == 0  # ddp_split: one process writes the trace
         trace = self.trace if first else None
         if self.chunks > 1:
-            stages = self.pipeline_stages(module)
             applied.handles.append(
                 install_pipeline(
                     module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace

@@ -12,6 +12,7 @@ Trainer's devices for ``model_split``, a process's own group for ``ddp_split``);
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -27,6 +29,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementError, PlacementPlan
+from lightning_gpupar.model_split.precision import stage_autocast, stage_precisions
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy as _StrategyBase
@@ -89,10 +92,13 @@ class SplitStrategyMixin(_StrategyBase):
         (``setup_environment``'s ``set_device``) is on that device rather than on the last one: asked of a
         plan of the attached LightningModule (sizes only: no optimizer, no forward; nothing moves); while no
         module exists or its layers are still to be built (``configure_model``), the declared
-        ``output_device`` position, else the last device."""
+        ``output_device`` position, else the last device. ``balance="time"`` plans only in
+        :meth:`model_to_device`, once per fit, on the module Lightning converted to the run's precision:
+        before, the declared ``output_device``, else the last device (where its plans put the output unless
+        ``max_memory`` leaves the last device empty)."""
         devices = self.split_devices
         module = self.lightning_module
-        if module is not None:
+        if module is not None and not (self.split.balance == "time" and self.split.is_auto):
             try:
                 return self.split.plan(module, devices).output_device
             except PlacementError:
@@ -114,14 +120,40 @@ class SplitStrategyMixin(_StrategyBase):
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(
-            self.model, self.split_devices, self.split_title, plan=self.make_plan()
-        )
+        plan = self.make_plan()
+        mixed = self.precision_plugin
+        if isinstance(mixed, MixedPrecision):
+            dtype = torch.bfloat16 if mixed.precision == "bf16-mixed" else torch.float16
+            plan = dataclasses.replace(plan, precision=stage_precisions(plan.devices, mixed.device, dtype))
+        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=plan)
+
+    @contextmanager
+    def _stage_autocast(self) -> Iterator[None]:
+        """Each stage's own autocast, for device types Lightning's does not cover (a CPU stage by GPUs)."""
+        with stage_autocast(self.applied.plan.precision if self.applied is not None else ()):
+            yield
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().predict_step(*args, **kwargs)
 
     def make_plan(self) -> PlacementPlan:
-        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input."""
+        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input, in
+        the run's precision (``balance="time"`` times the stages as training will run them)."""
         assert self.model is not None
-        return self.split.plan(self.model, self.split_devices, **planning_inputs(self.model))
+        inputs = planning_inputs(self.model)
+        return self.split.plan(self.model, self.split_devices, precision=self.precision_plugin, **inputs)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -148,10 +180,12 @@ class SplitStrategyMixin(_StrategyBase):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The LightningModule's step; after the first one, warn if ``chunks > 1`` had no effect."""
         if self._pipeline_use_checked:
-            return super().training_step(*args, **kwargs)
+            with self._stage_autocast():
+                return super().training_step(*args, **kwargs)
         pipeline = self.applied.pipeline if self.applied is not None else None
         calls = pipeline.calls if pipeline is not None else 0
-        output = super().training_step(*args, **kwargs)
+        with self._stage_autocast():
+            output = super().training_step(*args, **kwargs)
         if pipeline is not None:
             self._pipeline_use_checked = True
             if pipeline.calls == calls:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_gpupar.cli.plan import main
+from lightning_gpupar.model_split import PlacementError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,3 +54,18 @@ def test_runs_as_a_module_from_the_command_line() -> None:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr
     assert "model.blocks.0" in done.stdout and "activations: not counted" in done.stdout
+
+
+def test_prints_the_plan_of_a_device_map(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    overrides = ["strategy=model_split", "model=transformer", "model.num_layers=2", "trainer.accelerator=cpu"]
+    overrides += ["strategy.device_ids=2", "--no-data", "--device-map-of", "model", "--device-map"]
+    device_map = '{"embed": 0, "blocks.0": 0, "blocks.1": 1, "head": 1}'
+    assert main([*overrides, device_map]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    placed = {row[0]: row[1] for row in rows if row and row[0].startswith("model.")}
+    assert placed == {"model.embed": "0", "model.blocks.0": "0", "model.blocks.1": "1", "model.head": "1"}
+    with pytest.raises(PlacementError, match=r"entry 'blocks\.9': 1: No submodule 'model\.blocks\.9'"):
+        main([*overrides, '{"embed": 0, "blocks.0": 0, "blocks.9": 1, "head": 1}'])
