@@ -101,7 +101,7 @@ def main() -> None:
     count = processes * (2 if split else 1)
     trainer = pl.Trainer(
         accelerator=accelerator,
-        devices=len(chosen) if chosen else count if accelerator == "cpu" else list(range(count)),
+        devices="auto" if chosen else count if accelerator == "cpu" else list(range(count)),
         strategy=strategy,
         callbacks=[Positions()],
         max_steps=steps,
