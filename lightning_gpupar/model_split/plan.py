@@ -487,12 +487,55 @@ def _check_tied(root: nn.Module, entries: Sequence[PlacedModule]) -> None:
             where = (join(entry.path, name), entry.position, entry)
             first = seen.setdefault(id(param), where)
             if first[1] != entry.position:
-                together = {e.path: e.position for e in entries if not e.own_only}
-                together[entry.path] = first[1]
+                together = _tie_together(root, entries, param, first[1])
                 raise PlacementError(
                     f"{first[0]} and {where[0]} are the same (tied) parameter, placed on positions "
-                    f"{first[1]} and {where[1]}. Tied parameters must live on one device: place "
+                    f"{first[1]} and {where[1]}. Tied parameters must live on one device, with every "
+                    f"module holding them ({', '.join(_holders(root, entries, param))}): place "
                     f"{entry.path or '(root)'} on position {first[1]} (or {first[2].path or '(root)'} on "
                     f"{where[1]}), e.g. placement={together}; or use placement='auto', which keeps them "
                     "together."
                 )
+
+
+def _holders(root: nn.Module, entries: Sequence[PlacedModule], param: nn.Parameter) -> list[str]:
+    """The paths of the modules that hold ``param`` as their own, in the placed entries."""
+    return [
+        join(entry.path, name.rpartition(".")[0]) if "." in name else entry.path or "(root)"
+        for entry in entries
+        for name, p in root.get_submodule(entry.path).named_parameters(
+            recurse=not entry.own_only, remove_duplicate=False
+        )
+        if p is param
+    ]
+
+
+def _tie_together(
+    root: nn.Module, entries: Sequence[PlacedModule], param: nn.Parameter, position: int
+) -> dict[str, int]:
+    """The user's map with every holder of ``param`` on ``position``. An entry whose own tensors do not
+    include ``param`` (``decoder``, holding ``decoder.embed_tokens``) is replaced by its children, down to the
+    holder, so the rest of it stays where it was placed; otherwise the whole entry moves."""
+    together = {e.path: e.position for e in entries if not e.own_only}
+    holders = _holders(root, entries, param)
+    for entry in entries:
+        inside = [h for h in holders if is_within(h, entry.path)]
+        if entry.own_only or entry.position == position or not inside:
+            continue
+        del together[entry.path]
+        together.update(_expand(root, entry.path, entry.position, inside, position))
+    return together
+
+
+def _expand(root: nn.Module, path: str, position: int, holders: list[str], target: int) -> dict[str, int]:
+    """``path`` placed on ``position`` except ``holders`` (modules inside it) on ``target``: ``path`` split
+    into its children where it holds no tensors of its own."""
+    module = root.get_submodule(path)
+    if path in holders or holds_tensors(module, recurse=False) or not any(module.children()):
+        return {path: target}
+    placed: dict[str, int] = {}
+    for name, _ in module.named_children():
+        child = join(path, name)
+        inside = [h for h in holders if is_within(h, child)]
+        placed.update(_expand(root, child, position, inside, target) if inside else {child: position})
+    return placed

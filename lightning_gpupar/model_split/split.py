@@ -20,6 +20,12 @@ from lightning_gpupar.model_split.balance.by_time import RunPrecision, plan_by_t
 from lightning_gpupar.model_split.device_map import DEVICE_MAP
 from lightning_gpupar.model_split.errors import PipelineError, PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
+from lightning_gpupar.model_split.one_f_one_b import (
+    StagedPipeline,
+    check_schedule,
+    install_staged,
+    plan_for_schedule,
+)
 from lightning_gpupar.model_split.pipeline import (
     Pipeline,
     PipelineHandle,
@@ -48,6 +54,7 @@ class AppliedSplit:
 
     plan: PlacementPlan
     handles: list[PlacementHandle | PipelineHandle] = field(default_factory=list)
+    staged: StagedPipeline | None = None  #: ``schedule="1f1b"``: the pipeline run one micro-batch at a time
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -80,6 +87,7 @@ class ModelSplit:
     deferred_batch_norm: bool = True
     balance: str = "memory"
     trace: str | None = None
+    schedule: str = "gpipe"
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -92,6 +100,7 @@ class ModelSplit:
         return cls(**{name: options[name] for name in cls.option_names() if name in options})
 
     def __post_init__(self) -> None:
+        check_schedule(self.schedule)
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise PlacementError(f"chunks={self.chunks!r}: the number of micro-batches must be an int >= 1.")
         placement = self.placement
@@ -134,7 +143,8 @@ class ModelSplit:
         precision: RunPrecision | None = None,
     ) -> PlacementPlan:
         """Where each submodule of ``module`` goes on ``devices``; computed without allocating (but for
-        ``balance="time"``, which runs the stages).
+        ``balance="time"``, which runs the stages). Activations count what the schedule holds: all ``chunks``
+        micro-batches per stage (GPipe), or ``K - i`` (1F1B).
 
         ``optimizer`` and ``example_input`` make the training-memory estimate exact (see
         :func:`~lightning_gpupar.model_split.plan.plan_placement`); ``precision``: the run's, in which
@@ -144,7 +154,7 @@ class ModelSplit:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
         if self.balance == "time" and self.is_auto:
             chain = stages if stages is not None else infer_stages(module, self.no_split)
-            return plan_by_time(
+            timed = plan_by_time(
                 module,
                 devices,
                 chain,
@@ -153,7 +163,8 @@ class ModelSplit:
                 max_memory=self.max_memory,
                 precision=precision,
             )
-        return plan_placement(
+            return plan_for_schedule(timed, self.schedule, self.chunks)
+        placed = plan_placement(
             module,
             devices,
             self.placement,
@@ -165,6 +176,7 @@ class ModelSplit:
             optimizer=optimizer,
             example_input=example_input,
         )
+        return plan_for_schedule(placed, self.schedule, self.chunks)  # activations as the schedule holds them
 
     def pipeline_stages_declared(self) -> list[str] | None:
         """The stage sequence as declared (``stages``, else the map's keys in order); ``None``: inferred
@@ -223,11 +235,12 @@ class ModelSplit:
         first = getattr(rank_zero_only, "rank", 0) == 0  # ddp_split: one process writes the trace
         trace = self.trace if first else None
         if self.chunks > 1:
-            applied.handles.append(
-                install_pipeline(
-                    module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
-                )
+            handle = install_pipeline(
+                module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
             )
+            applied.handles.append(handle)
+            if self.schedule == "1f1b":
+                applied.staged = install_staged(handle)
         return applied
 
     def check_batch_size(self, batch_size: int | None) -> None:

@@ -60,6 +60,10 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
             ``example_input_array``, under the ``max_memory`` caps).
         trace: a path: record the pipeline's schedule for a few steps (Chrome trace, PNG timeline, bubble
             and utilisation printed); ``None`` (default): off.
+        schedule: ``"gpipe"`` (default: every micro-batch's forward, then every backward) or ``"1f1b"``
+            (PipeDream-Flush: ``training_step`` runs once per micro-batch and each micro-batch's backward
+            starts once its forward left the last stage, so stage i holds at most K - i micro-batches'
+            activations instead of all ``chunks``; see docs/pipeline-schedules.md).
     """
 
     strategy_name = "model_split"
@@ -78,6 +82,7 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
         deferred_batch_norm: bool = True,
         balance: str = "memory",
         trace: str | None = None,
+        schedule: str = "gpipe",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         checkpoint_io: Any = None,
