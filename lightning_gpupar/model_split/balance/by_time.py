@@ -123,8 +123,7 @@ def _measure(
     inputs = _stage_inputs(root, modules, sample, precision)
     in_precision = precision.forward_context if precision is not None else contextlib.nullcontext
     times = []
-    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=gpus), _buffers_kept(modules):
+    with torch.random.fork_rng(devices=_cuda_indices(root, sample, device)), _buffers_kept(modules):
         for module, (args, kwargs) in zip(modules, inputs, strict=True):
             home = next((t.device for t in [*module.parameters(), *module.buffers()]), device)
             grads = {p: None if p.grad is None else p.grad.clone() for p in module.parameters()}
@@ -224,7 +223,7 @@ def _stage_inputs(
         )
         for m in modules
     ]
-    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    gpus = _cuda_indices(root, sample)
     context = precision.forward_context() if precision is not None else contextlib.nullcontext()
     sample = precision.convert_input(sample) if precision is not None else sample
     try:
@@ -245,6 +244,14 @@ def _stage_inputs(
             "declare the stages the forward runs (strategy.stages=[...]) or use balance='memory'."
         )
     return [seen[id(m)] for m in modules]
+
+
+def _cuda_indices(root: nn.Module, sample: Any, *devices: torch.device) -> list[int]:
+    """The GPUs whose RNG a measurement may draw from: those of the model's tensors, the sample and
+    ``devices``. Forking every GPU's RNG would create a CUDA context on GPUs the plan never uses."""
+    found = [*root.parameters(), *root.buffers(), *_tensors(sample)]
+    cuda = {t.device for t in found if t.is_cuda} | {d for d in devices if d.type == "cuda"}
+    return sorted({d.index if d.index is not None else torch.cuda.current_device() for d in cuda})
 
 
 @contextlib.contextmanager
