@@ -12,8 +12,9 @@ UUID; :func:`cuda_handles` maps them to this process's CUDA ids:
 * ``CUDA_VISIBLE_DEVICES`` as indices into that order, as ``GPU-`` UUID prefixes, or as ``MIG-`` ids
   (parsed by torch's own parser, ``torch.cuda._parse_visible_devices``).
 
-Without NVML, :func:`read_gpus` falls back to ``torch.cuda.mem_get_info``, which creates a CUDA context
-(a few hundred MB) on every GPU it asks; the answer says which source it used.
+Without NVML, or when any NVML query fails, :func:`read_gpus` falls back to ``torch.cuda.mem_get_info``,
+which creates a CUDA context (a few hundred MB) on every GPU it asks; the answer says which source it
+used, and why.
 """
 
 from __future__ import annotations
@@ -79,9 +80,12 @@ def read_gpus(count: int) -> GPUInventory:
         return GPUInventory((), "nvml")
     try:
         nvml = load_nvml()
-        return GPUInventory(
-            tuple(_nvml_info(nvml, i, h) for i, h in enumerate(cuda_handles(nvml, count))), "nvml"
-        )
+        try:
+            return GPUInventory(
+                tuple(_nvml_info(nvml, i, h) for i, h in enumerate(cuda_handles(nvml, count))), "nvml"
+            )
+        except nvml.NVMLError as err:  # a query NVML refused: no permission, a lost GPU, a MIG parent
+            raise NVMLUnavailable(f"NVML failed to answer ({type(err).__name__}: {err})") from None
     except NVMLUnavailable as err:
         note = str(err)
     infos = []
