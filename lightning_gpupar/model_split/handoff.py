@@ -66,7 +66,7 @@ def plan_from_json(
     entries = tuple(
         _reposition(e, positions[(e.path, True)]) if (e.path, True) in positions else e for e in plan.entries
     )
-    return PlacementPlan(plan.devices, entries, output, plan.caps, plan.sources, plan.tied)
+    return PlacementPlan(plan.devices, entries, output, plan.caps, plan.sources, plan.tied, plan.aliases)
 
 
 def _reposition(entry: PlacedModule, position: int) -> PlacedModule:
