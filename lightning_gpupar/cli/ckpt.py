@@ -3,6 +3,7 @@
     gpupar-ckpt inspect RUN.ckpt
     gpupar-ckpt export RUN.ckpt OUT.pt --submodule model          # net.load_state_dict(torch.load("OUT.pt"))
     gpupar-ckpt export RUN.ckpt OUT.safetensors --submodule model --format safetensors
+    gpupar-ckpt export RUN.ckpt ADAPTER_DIR --submodule model --trainable-only --format safetensors
 
 Inputs are only read. Errors print one message and exit with status 1 (2 for usage errors).
 """
@@ -28,6 +29,7 @@ from lightning_gpupar.checkpoint import (
     submodule_candidates,
     submodule_state_dict,
 )
+from lightning_gpupar.checkpoint.adapters import PEFT_CONFIG, trainable_export, write_trainable
 from lightning_gpupar.checkpoint.io import atomic_write
 
 _LIGHTNING_SCALARS = ("epoch", "global_step", "pytorch-lightning_version")
@@ -93,12 +95,27 @@ def export(args: argparse.Namespace) -> int:
                 f"No submodule {args.submodule!r} in {str(source)!r}. "
                 f"Candidates: {', '.join(candidates[:20]) or 'none (all tensors sit at the top level)'}."
             )
+        if args.trainable_only:
+            return _export_trainable(checkpoint, state_dict, args, out)
         state_dict = submodule_state_dict(state_dict, args.submodule)
+    elif args.trainable_only:
+        return _export_trainable(checkpoint, state_dict, args, out)
     if args.format == "safetensors":
         _save_safetensors(state_dict, out)
     else:
         atomic_torch_save(state_dict, out)
     print(f"Wrote {len(state_dict)} tensors to {out} ({args.format}).")
+    return 0
+
+
+def _export_trainable(
+    checkpoint: Any, state_dict: Mapping[str, Any], args: argparse.Namespace, out: Path
+) -> int:
+    """Only the tensors that train (a PEFT adapter under its own keys, with its config beside it)."""
+    tensors, config = trainable_export(checkpoint, state_dict, args.submodule)
+    written = write_trainable(tensors, config, out, args.format)
+    extra = f" and {PEFT_CONFIG}" if config is not None else ""
+    print(f"Wrote {len(tensors)} trainable tensors to {written}{extra} ({args.format}).")
     return 0
 
 
@@ -152,6 +169,12 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--submodule", help="export only this attribute of the LightningModule, e.g. model")
     out.add_argument("--format", choices=("pt", "safetensors"), default="pt")
     out.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    out.add_argument(
+        "--trainable-only",
+        action="store_true",
+        help="only the tensors that train; a PEFT adapter under PEFT's keys, adapter_config.json beside it "
+        "(OUT a directory: adapter_model.safetensors/.bin inside, as PeftModel.from_pretrained reads)",
+    )
     out.set_defaults(run=export)
     return parser
 
