@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from benchmarks.common import fit_step_times, machine, save_results
-from lightning_gpupar import DDPStrategy
+from lightning_gpupar import DDPSplitStrategy, DDPStrategy
 
 VARIANTS = ("ours", "lightning", "torch", "ddp_split")
 WARMUP = 3
@@ -128,7 +128,7 @@ def main() -> None:
     if args.worker == "lightning":
         return lightning_worker("ddp", args)
     if args.worker == "ddp_split":
-        return lightning_worker(DDPStrategy(devices_per_process=2), args, devices_per_process=2)
+        return lightning_worker(DDPSplitStrategy(devices_per_process=2), args, devices_per_process=2)
     if args.worker == "torch":
         from lightning.fabric.plugins.environments.lightning import find_free_network_port
 

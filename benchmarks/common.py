@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_gpupar.model_split.balance import measure_stage_times
+from lightning_gpupar.model_split.balance.by_time import measure_stage_times
 
 
 class StepTimer(pl.Callback):

@@ -6,6 +6,7 @@ StrategyRegistry.
 
 from lightning_gpupar.checkpoint import NormalizeCheckpointKeys
 from lightning_gpupar.devices import DeviceSelection, DeviceSelectionError, resolve_devices
+from lightning_gpupar.errors import GpuparError
 from lightning_gpupar.strategies import (
     DataParallelStrategy,
     DDPSplitStrategy,
@@ -23,6 +24,7 @@ __all__ = [
     "DataParallelStrategy",
     "DeviceSelection",
     "DeviceSelectionError",
+    "GpuparError",
     "ModelSplitStrategy",
     "NormalizeCheckpointKeys",
     "SingleStrategy",

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from examples.schema import register_app_configs
-from lightning_gpupar import devices
 from lightning_gpupar.devices import GPUInfo
+from lightning_gpupar.devices import requests as devices
 from tests.helpers.markers import GiB
 
 ROOT = Path(__file__).resolve().parents[1]

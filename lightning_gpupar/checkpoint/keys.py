@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from lightning_gpupar.errors import GpuparError
+
 WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_forward_module", "_original_module"})
 
 
-class CheckpointError(Exception):
+class CheckpointError(GpuparError):
     """Base class of every checkpoint error this package raises."""
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lightning_gpupar.checkpoint.keys import CheckpointError
-from lightning_gpupar.devices import format_bytes
+from lightning_gpupar.devices.sizes import format_bytes
 
 #: errno values that mean "not enough space": the message then gives the whole file's size.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

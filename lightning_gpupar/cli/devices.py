@@ -9,8 +9,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lightning_gpupar import device_locks
 from lightning_gpupar.devices import auto_select, format_bytes, parse_bytes, query_inventory
+from lightning_gpupar.devices import locks as device_locks
 
 
 def main(argv: list[str] | None = None) -> int:

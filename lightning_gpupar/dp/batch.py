@@ -14,8 +14,10 @@ from typing import Any
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_gpupar.errors import GpuparError
 
-class BatchSplitError(ValueError):
+
+class BatchSplitError(GpuparError, ValueError):
     """A batch that cannot be split along dim 0; the message shows its structure."""
 
 

@@ -27,8 +27,10 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import is_dataclass_instance, is_namedtuple
 from torch import Tensor
 
+from lightning_gpupar.errors import GpuparError
 
-class GatherError(ValueError):
+
+class GatherError(GpuparError, ValueError):
     """Replica outputs that cannot be combined into one; the message names the output's path."""
 
 

@@ -31,7 +31,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from lightning_gpupar.model_split.paths import is_within
 
-#: Optimizers whose per-parameter state is known by rule: (state key that decides, tensors with it, without).
+#: Optimizers with two state tensors per parameter (``exp_avg``, ``exp_avg_sq``; three with ``amsgrad``).
 _ADAM_STYLE = (Adam, AdamW)
 
 
@@ -51,9 +51,6 @@ class MemoryParts:
 
     def __add__(self, other: MemoryParts) -> MemoryParts:
         return MemoryParts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-
-PART_NAMES = tuple(f.name for f in fields(MemoryParts))
 
 
 @dataclass

@@ -6,7 +6,8 @@ in a device list (the Trainer's devices)::
     {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
 
 ``"auto"`` walks the module tree and balances the memory training needs over the devices
-(:mod:`~lightning_gpupar.model_split.auto`), under optional per-position caps (``max_memory``). Every plan
+(:mod:`~lightning_gpupar.model_split.balance.by_memory`), under optional per-position caps
+(``max_memory``). Every plan
 carries each entry's training memory (:mod:`~lightning_gpupar.model_split.memory`): parameters, buffers,
 gradients, optimizer state and activations.
 
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gpupar.devices import format_bytes, parse_bytes
-from lightning_gpupar.model_split import auto, table
+from lightning_gpupar.devices.sizes import format_bytes, parse_bytes
+from lightning_gpupar.model_split import table
+from lightning_gpupar.model_split.balance import by_memory as auto
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge, measure_model
 from lightning_gpupar.model_split.paths import (
@@ -43,7 +45,7 @@ from lightning_gpupar.model_split.paths import (
 Placement = Mapping[str, int] | str | None
 
 
-def _splittable(module: nn.Module, no_split: Sequence[str]) -> bool:
+def _is_stage_container(module: nn.Module, no_split: Sequence[str]) -> bool:
     """Containers whose children can live on different devices without touching user code."""
     return isinstance(module, nn.Sequential | nn.ModuleList) and type(module).__name__ not in no_split
 
@@ -74,7 +76,7 @@ def infer_stages(root: nn.Module, no_split: Sequence[str] = ()) -> list[str]:
     for name, child in module.named_children():
         if not chain and not holds_tensors(child):
             continue
-        if _splittable(child, no_split) or is_container(child):
+        if _is_stage_container(child, no_split) or is_container(child):
             stages += [join(join(path, name), n) for n, _ in child.named_children()]
         else:
             stages.append(join(path, name))
@@ -228,7 +230,7 @@ def plan_placement(
     counts; default: Adam-style assumed). ``example_input``: a forward's input (a tuple: positional
     arguments, a dict: keyword arguments) whose saved activations are measured on the meta device.
     ``partition``: how ``"auto"`` cuts the chain units into devices (default:
-    :func:`~lightning_gpupar.model_split.auto.balance_memory`).
+    :func:`~lightning_gpupar.model_split.balance.by_memory.balance_memory`).
     """
     devices = tuple(devices)
     if not devices:

@@ -9,14 +9,14 @@ it in every DDP process over that process's own group of devices.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
-from lightning_gpupar.model_split.balance import plan_by_time
+from lightning_gpupar.model_split.balance.by_time import plan_by_time
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
 from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
@@ -71,6 +71,16 @@ class ModelSplit:
     deferred_batch_norm: bool = True
     balance: str = "memory"
     trace: str | None = None
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The split options, in order: the one list the strategies, the Hydra schema and the YAML follow."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ModelSplit:
+        """A split from the entries of ``options`` that name split options (the others are not its own)."""
+        return cls(**{name: options[name] for name in cls.option_names() if name in options})
 
     def __post_init__(self) -> None:
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:

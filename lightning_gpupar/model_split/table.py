@@ -12,7 +12,7 @@ from rich.bar import Bar
 from rich.console import Console
 from rich.table import Table
 
-from lightning_gpupar.devices import format_bytes
+from lightning_gpupar.devices.sizes import format_bytes
 from lightning_gpupar.model_split.memory import MemoryParts
 
 if TYPE_CHECKING:

@@ -10,8 +10,9 @@ registry / Hydra    class                          file
 ``ddp_split``       :class:`DDPSplitStrategy`      ``ddp_split.py``
 ==================  =============================  ==========================================
 
-Shared pieces: ``_single_process.py`` (the base of dp and model_split), ``split_mixin.py`` (model_split and
-ddp_split), ``launcher.py``, ``signals.py`` and ``ddp_checks.py`` (ddp and ddp_split).
+Shared pieces: ``_single_process.py`` (the base of dp and model_split) and ``split_mixin.py`` (model_split
+and ddp_split). The engines behind them live below: :mod:`lightning_gpupar.dp`,
+:mod:`lightning_gpupar.model_split` and :mod:`lightning_gpupar.ddp`.
 """
 
 from typing import Any, NamedTuple

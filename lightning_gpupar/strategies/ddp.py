@@ -8,15 +8,14 @@ subclass changes is around it:
   process group's (``process_group_backend``, ``timeout`` in seconds) are keyword arguments a Hydra
   config can set.
 - Processes started by Lightning (not by torchrun or SLURM) come from
-  :class:`~lightning_gpupar.strategies.launcher.HydraAwareScriptLauncher`: each child runs the current Hydra
+  :class:`~lightning_gpupar.ddp.launcher.HydraAwareScriptLauncher`: each child runs the current Hydra
   job only, in that job's directory, so sweeps (``-m``) work.
 - Layout mistakes (more processes than devices, a busy ``MASTER_PORT``, a GPU id this node lacks)
   fail before the process group is created, in words.
 - Checkpoints hold canonical keys and are written atomically
   (:class:`~lightning_gpupar.checkpoint.CanonicalCheckpointMixin`).
 
-``DDPStrategy(devices_per_process=k)`` with ``k > 1`` builds the split variant,
-:class:`~lightning_gpupar.strategies.ddp_split.DDPSplitStrategy` (``strategy="ddp_split"``).
+A model split over each process's devices is :class:`~lightning_gpupar.strategies.ddp_split.DDPSplitStrategy`.
 """
 
 from __future__ import annotations
@@ -31,9 +30,10 @@ from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
-from lightning_gpupar.strategies import signals
-from lightning_gpupar.strategies.ddp_checks import check_backend, check_launch_environment, check_timeout
-from lightning_gpupar.strategies.launcher import DDPLaunchError, HydraAwareScriptLauncher
+from lightning_gpupar.ddp import signals
+from lightning_gpupar.ddp.checks import check_backend, check_launch_environment, check_timeout
+from lightning_gpupar.ddp.launcher import DDPLaunchError, HydraAwareScriptLauncher
+from lightning_gpupar.model_split import ModelSplit
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,6 @@ StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 #: torch.distributed's default process-group timeout, in seconds.
 DEFAULT_TIMEOUT_S = 1800.0
-
-#: Keyword arguments that split a model copy over a process's devices: ``DDPSplitStrategy``'s own.
-SPLIT_OPTIONS = (
-    "placement",
-    "chunks",
-    "stages",
-    "default_device",
-    "output_device",
-    "max_memory",
-    "no_split",
-    "checkpoint",
-    "deferred_batch_norm",
-    "balance",
-    "trace",
-)
 
 
 class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
@@ -68,25 +53,13 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         process_group_backend: ``"nccl"``, ``"gloo"``...; ``None`` picks by device (gloo on CPU).
         timeout: seconds a collective (and the rendezvous) may wait before every rank fails.
         start_method: ``"popen"`` re-runs the script per rank (Hydra-aware); others as in Lightning.
-        devices_per_process: ``k > 1`` constructs a
-            :class:`~lightning_gpupar.strategies.ddp_split.DDPSplitStrategy` instead (each process holds
-            one model copy split over k devices); ``1`` (the default) is plain DDP.
         **kwargs: any other argument of Lightning's ``DDPStrategy`` or of torch's
             ``DistributedDataParallel`` (``bucket_cap_mb``, ``ddp_comm_hook``, ``cluster_environment``...).
     """
 
-    def __new__(cls, *args: Any, devices_per_process: int = 1, **kwargs: Any) -> DDPStrategy:
-        """``DDPStrategy(devices_per_process=k)`` keeps building the split variant for ``k > 1``."""
-        _check_devices_per_process(devices_per_process)
-        if devices_per_process > 1 and not issubclass(cls, _split_class()):
-            cls = _split_class()
-        elif devices_per_process == 1 and (given := [k for k in SPLIT_OPTIONS if k in kwargs]):
-            raise DDPLaunchError(
-                f"{', '.join(given)} split a model over a process's devices, but devices_per_process=1. "
-                "Use strategy=ddp_split with devices_per_process >= 2, or strategy=model_split for one "
-                "process."
-            )
-        return super().__new__(cls)
+    strategy_name = "ddp"
+    #: Devices each process trains on (one; :class:`DDPSplitStrategy` owns a group of them).
+    devices_per_process = 1
 
     def __init__(
         self,
@@ -97,16 +70,14 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
         process_group_backend: str | None = None,
         timeout: float | timedelta | None = DEFAULT_TIMEOUT_S,
         start_method: StartMethod = "popen",
-        devices_per_process: int = 1,
         **kwargs: Any,
     ) -> None:
-        timeout = check_timeout(timeout)
+        _refuse_split_options(kwargs)
         check_backend(process_group_backend)
         check_launch_environment()
-        self.devices_per_process = devices_per_process
         super().__init__(
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=check_timeout(timeout),
             start_method=start_method,
             find_unused_parameters=find_unused_parameters,
             static_graph=static_graph,
@@ -190,14 +161,12 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
             )
 
 
-def _check_devices_per_process(devices_per_process: Any) -> None:
-    if isinstance(devices_per_process, bool) or not isinstance(devices_per_process, int):
-        raise DDPLaunchError(f"devices_per_process={devices_per_process!r}: write an int >= 1.")
-    if devices_per_process < 1:
-        raise DDPLaunchError(f"devices_per_process={devices_per_process}: each process needs >= 1 device.")
-
-
-def _split_class() -> type[DDPStrategy]:
-    from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy  # imports this module
-
-    return DDPSplitStrategy
+def _refuse_split_options(kwargs: dict[str, Any]) -> None:
+    """A split option given to plain DDP would reach torch's DDP constructor and fail there, late."""
+    given = [name for name in ("devices_per_process", *ModelSplit.option_names()) if name in kwargs]
+    if given:
+        raise DDPLaunchError(
+            f"DDPStrategy got {', '.join(given)}, option(s) that split a model over each process's devices. "
+            "Use DDPSplitStrategy(devices_per_process=k, ...) (strategy=ddp_split) with k >= 2, or "
+            "ModelSplitStrategy (strategy=model_split) for one process."
+        )

@@ -14,7 +14,7 @@ group); the launching process plans rank 0's placement before any other process 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,7 +24,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gpupar.model_split import ModelSplit, Placement, PlacementPlan, Recompute
+from lightning_gpupar.ddp.launcher import DDPLaunchError
+from lightning_gpupar.model_split import ModelSplit, PlacementPlan
 from lightning_gpupar.model_split.handoff import (
     PLAN_ENV,
     all_gather_strings,
@@ -33,7 +34,6 @@ from lightning_gpupar.model_split.handoff import (
     plan_to_json,
 )
 from lightning_gpupar.strategies.ddp import DDPStrategy
-from lightning_gpupar.strategies.launcher import DDPLaunchError
 from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin, planning_inputs
 
 
@@ -42,13 +42,11 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
 
     Args:
         devices_per_process: k >= 2 devices per process; the chosen device count must be a multiple of k.
-        placement, chunks, stages, default_device, output_device, max_memory, no_split, checkpoint,
-        deferred_batch_norm, balance, trace:
-            how each process splits its copy, as in
-            :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`; positions count within the
-            process's own group (0..k-1).
-        **ddp_kwargs: DDP's options (``find_unused_parameters``, ``timeout``, ``process_group_backend``...),
-            as in :class:`~lightning_gpupar.strategies.ddp.DDPStrategy`.
+        **options: the split options (:meth:`ModelSplit.option_names`: ``placement``, ``chunks``...), as in
+            :class:`~lightning_gpupar.strategies.model_split.ModelSplitStrategy`, positions counting within
+            the process's own group (0..k-1); every other option is DDP's (``find_unused_parameters``,
+            ``timeout``, ``process_group_backend``...), as in
+            :class:`~lightning_gpupar.strategies.ddp.DDPStrategy`.
     """
 
     strategy_name = "ddp_split"
@@ -57,40 +55,22 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         self,
         *,
         devices_per_process: int = 2,
-        placement: Placement = "auto",
-        chunks: int = 1,
-        stages: Sequence[str] | None = None,
-        default_device: int | None = None,
-        output_device: int | None = None,
-        max_memory: Mapping[Any, int | str] | None = None,
-        no_split: Sequence[str] | None = None,
-        checkpoint: Recompute = None,
-        deferred_batch_norm: bool = True,
-        balance: str = "memory",
-        trace: str | None = None,
-        **ddp_kwargs: Any,
+        **options: Any,
     ) -> None:
+        if isinstance(devices_per_process, bool) or not isinstance(devices_per_process, int):
+            raise DDPLaunchError(f"devices_per_process={devices_per_process!r}: write an int >= 2.")
         if devices_per_process < 2:
             raise DDPLaunchError(
                 f"DDPSplitStrategy(devices_per_process={devices_per_process}): each process splits its model "
                 "over >= 2 devices. Use strategy=ddp (DDPStrategy) for one device per process."
             )
-        self.split = ModelSplit(
-            placement,
-            chunks,
-            stages,
-            default_device,
-            output_device,
-            max_memory,
-            no_split or (),
-            checkpoint,
-            deferred_batch_norm,
-            balance,
-            trace,
-        )
+        self.split = ModelSplit.from_options(options)
         self._all_devices: list[torch.device] | None = None
         self._check_group_positions(devices_per_process)
-        super().__init__(devices_per_process=devices_per_process, **ddp_kwargs)
+        self.devices_per_process = devices_per_process
+        super().__init__(
+            **{key: value for key, value in options.items() if key not in ModelSplit.option_names()}
+        )
 
     # -- devices: Lightning counts processes, each process owns a group ---------------------------------
 

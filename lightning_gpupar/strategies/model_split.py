@@ -84,19 +84,7 @@ class ModelSplitStrategy(CanonicalCheckpointMixin, SplitStrategyMixin, SinglePro
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self.split = ModelSplit(
-            placement,
-            chunks,
-            stages,
-            default_device,
-            output_device,
-            max_memory,
-            no_split or (),
-            checkpoint,
-            deferred_batch_norm,
-            balance,
-            trace,
-        )
+        self.split = ModelSplit.from_options(locals())  # the split options of this signature
 
     @property
     def placement(self) -> Placement:

@@ -3,7 +3,7 @@
 Canonical keys on save, tolerant load, atomic files and ``weights_only`` loads
 (:class:`~lightning_gpupar.checkpoint.CanonicalCheckpointMixin`), as under every other strategy of ours.
 Named ``SingleStrategy`` after its config (``strategy=single``), so that it does not shadow Lightning's
-``SingleDeviceStrategy``; the old name stays an alias for one release.
+``SingleDeviceStrategy``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ class SingleStrategy(CanonicalCheckpointMixin, LightningSingleDeviceStrategy):
             ``accelerator`` and ``devices`` select, handed over as Lightning hands ``parallel_devices``
             to a parallel strategy.
     """
+
+    strategy_name = "single"
 
     def __init__(
         self,
@@ -59,7 +61,3 @@ class SingleStrategy(CanonicalCheckpointMixin, LightningSingleDeviceStrategy):
             )
         self._root_device = devices[0]
         self._device_chosen = True
-
-
-#: The name this class had before 0.2 (it shadowed Lightning's class); kept for configs that name it.
-SingleDeviceStrategy = SingleStrategy

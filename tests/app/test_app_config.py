@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -73,8 +74,17 @@ def test_unknown_strategy_lists_the_available_ones(compose_app: Compose) -> None
     options = (
         str(info.value).split("Available options in 'strategy':")[1].split("Config search path")[0].split()
     )
-    # schemas live in their own group; "split" is the name of "model_split" before 0.2
-    assert options == ["ddp", "ddp_split", "dp", "model_split", "single", "split"]
+    # schemas live in their own group; one name per idea, no alias
+    assert options == ["ddp", "ddp_split", "dp", "model_split", "single"]
+
+
+def test_the_unreleased_split_alias_is_gone(compose_app: Compose) -> None:
+    with pytest.raises(Exception, match="Could not find 'strategy/split'") as info:
+        compose_app("strategy=split")
+    assert "model_split" in str(info.value)  # Hydra's own list of the available options
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("lightning_gpupar.strategies.split")
+    assert not hasattr(importlib.import_module("lightning_gpupar.strategies.single"), "SingleDeviceStrategy")
 
 
 def test_build_trainer_single_cpu(compose_app: Compose) -> None:

@@ -29,14 +29,14 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from examples.checks import AppConfigError, validate_app_config
-from lightning_gpupar import DataParallelStrategy, DDPStrategy, ModelSplitStrategy
+from lightning_gpupar import DataParallelStrategy, DDPSplitStrategy, DDPStrategy, ModelSplitStrategy
 from lightning_gpupar.cli import ckpt, devices
 from lightning_gpupar.config import build_trainer
-from lightning_gpupar.config_checks import ConfigValueError
+from lightning_gpupar.config.checks import ConfigValueError
+from lightning_gpupar.ddp.checks import DDPConfigError
+from lightning_gpupar.ddp.launcher import DDPLaunchError
 from lightning_gpupar.devices import AUTO_IDS_ENV, DeviceSelectionError, GPUInfo, resolve_devices
 from lightning_gpupar.model_split import PlacementError
-from lightning_gpupar.strategies.ddp_checks import DDPConfigError
-from lightning_gpupar.strategies.launcher import DDPLaunchError
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Variables a launcher sets; cleared for every row, so a row sees only its own.
@@ -104,7 +104,13 @@ APP_ROWS: list[Any] = [
         marks=NO_MPI,
     ),
     ([*DDP, "strategy.process_group_backend='cpu:gloo,cuda:nope'"], {}, (), InstantiationException, "'nope'"),
-    (["strategy=ddp_split", "strategy.devices_per_process=0"], {}, (), InstantiationException, ">= 1 device"),
+    (
+        ["strategy=ddp_split", "strategy.devices_per_process=0"],
+        {},
+        (),
+        InstantiationException,
+        ">= 2 devices",
+    ),
     (["strategy=ddp_split", "strategy.device_ids=3"], {}, (), InstantiationException, "a multiple of 2"),
     (
         ["strategy=ddp_split", "strategy.device_ids=4", "strategy.placement={model.model:3}"],
@@ -117,7 +123,13 @@ APP_ROWS: list[Any] = [
     (["strategy=model_split", "strategy.placement=42"], {}, (), InstantiationException, "placement=42"),
     (["strategy=single", "strategy.device_ids=2"], {}, (), ValueError, "strategy=single runs on one device"),
     (["strategy=single", "trainer.num_nodes=2"], {}, (), ConfigValueError, "strategy=single runs in one"),
-    (["strategy=split", "trainer.num_nodes=3"], {}, (), ConfigValueError, "strategy=model_split runs in one"),
+    (
+        ["strategy=model_split", "trainer.num_nodes=3"],
+        {},
+        (),
+        ConfigValueError,
+        "strategy=model_split runs in one",
+    ),
     (["strategy.device_ids=banana"], {}, (), DeviceSelectionError, "is not a device request"),
     (["strategy.device_ids=[]"], {}, (), DeviceSelectionError, "is empty"),
     (["strategy.device_ids=0"], {}, (), DeviceSelectionError, "a CPU device count must be >= 1"),
@@ -338,8 +350,20 @@ API_ROWS: list[Any] = [
     ),
     ("ddp MASTER_PORT=99999", DDPS, {"MASTER_PORT": "99999"}, DDPConfigError, "MASTER_PORT='99999'"),
     ("ddp WORLD_SIZE=two", DDPS, {"WORLD_SIZE": "two"}, DDPConfigError, "WORLD_SIZE='two'"),
-    ("ddp devices_per_process=0", lambda: DDPS(devices_per_process=0), {}, DDPLaunchError, ">= 1 device"),
-    ("ddp chunks=4", lambda: DDPS(chunks=4), {}, DDPLaunchError, "but devices_per_process=1"),
+    (
+        "ddp_split devices_per_process=0",
+        lambda: DDPSplitStrategy(devices_per_process=0),
+        {},
+        DDPLaunchError,
+        ">= 2",
+    ),
+    (
+        "ddp chunks=4",
+        lambda: DDPS(chunks=4),
+        {},
+        DDPLaunchError,
+        "Use DDPSplitStrategy(devices_per_process=k",
+    ),
     ("split chunks=0", lambda: SPLIT(chunks=0), {}, PlacementError, "chunks=0"),
     ("split placement=42", lambda: SPLIT(placement=_wrong(42)), {}, PlacementError, "placement=42"),
     (

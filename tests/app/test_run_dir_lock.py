@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_gpupar.config.run_dir import LOCK_NAME, RunDirError, RunDirLock, another_rank_of_a_run
 from lightning_gpupar.devices import LAUNCHER_PID_ENV
-from lightning_gpupar.run_dir import LOCK_NAME, RunDirError, RunDirLock, another_rank_of_a_run
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = [

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from lightning_gpupar import DDPStrategy
-from lightning_gpupar.strategies.launcher import DDPLaunchError, HydraAwareScriptLauncher
+from lightning_gpupar.ddp.launcher import DDPLaunchError, HydraAwareScriptLauncher
 from tests.helpers.programs import preserved_environ, python, run_bounded
 from tests.helpers.programs.tiny_fit import Tiny, make_data, make_trainer
 

@@ -12,10 +12,11 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
-from lightning_gpupar import DDPStrategy, devices
+from lightning_gpupar import DDPStrategy
 from lightning_gpupar.config import build_trainer
+from lightning_gpupar.ddp.launcher import HydraAwareScriptLauncher
 from lightning_gpupar.devices import LAUNCHER_PID_ENV, DeviceSelectionError, GPUInfo
-from lightning_gpupar.strategies.launcher import HydraAwareScriptLauncher
+from lightning_gpupar.devices import requests as devices
 from tests.helpers.markers import GiB
 from tests.helpers.programs import preserved_environ
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_gpupar.strategies.launcher import DDPLaunchError
+from lightning_gpupar.ddp.launcher import DDPLaunchError
 from tests.helpers.programs import preserved_environ, python, run_bounded
 from tests.helpers.programs.tiny_fit import Tiny, make_data, make_trainer
 

@@ -16,7 +16,7 @@ from omegaconf import open_dict
 
 import lightning_gpupar
 from examples.schema import register_app_configs
-from lightning_gpupar.strategies.launcher import _quote, child_command
+from lightning_gpupar.ddp.launcher import _quote, child_command
 from tests.helpers.programs import python, run_bounded
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,11 +16,11 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from lightning_gpupar import DDPStrategy
+from lightning_gpupar import DDPSplitStrategy, DDPStrategy
 from lightning_gpupar.config import build_trainer
+from lightning_gpupar.ddp.launcher import DDPLaunchError
 from lightning_gpupar.devices import GPUInfo
 from lightning_gpupar.model_split import PlacementError
-from lightning_gpupar.strategies.launcher import DDPLaunchError
 from tests.helpers.equivalence import TinyNet, make_data
 from tests.helpers.programs.in_process import in_process_ddp
 from tests.helpers.trainer import QUIET as QUIET_TRAINER
@@ -69,21 +69,27 @@ def test_device_count_must_be_a_multiple_of_the_group_size() -> None:
     with pytest.raises(
         DDPLaunchError, match=r"devices_per_process=2, but 3 device\(s\).*Choose 2 or 4 devices"
     ):
-        pl.Trainer(accelerator="cpu", devices=3, strategy=DDPStrategy(devices_per_process=2), logger=False)
+        pl.Trainer(
+            accelerator="cpu", devices=3, strategy=DDPSplitStrategy(devices_per_process=2), logger=False
+        )
 
 
 def test_a_position_outside_the_group_would_cross_process_groups() -> None:
     with pytest.raises(
         DDPLaunchError, match=r"position\(s\) \[2\] lie outside.*0\.\.1.*cross process groups"
     ):
-        DDPStrategy(devices_per_process=2, placement={"model.0": 0, "model.2": 2})
+        DDPSplitStrategy(devices_per_process=2, placement={"model.0": 0, "model.2": 2})
 
 
-def test_split_options_need_several_devices_per_process() -> None:
-    with pytest.raises(DDPLaunchError, match="devices_per_process=1"):
+def test_plain_ddp_takes_no_split_options_and_never_builds_another_class() -> None:
+    with pytest.raises(DDPLaunchError, match=r"placement, chunks.*DDPSplitStrategy\(devices_per_process=k"):
         DDPStrategy(placement={"model.0": 0}, chunks=2)
-    with pytest.raises(DDPLaunchError, match="devices_per_process=0"):
-        DDPStrategy(devices_per_process=0)
+    with pytest.raises(DDPLaunchError, match=r"got devices_per_process.*Use DDPSplitStrategy"):
+        DDPStrategy(devices_per_process=2)
+    assert type(DDPStrategy()) is DDPStrategy
+    for wrong in (0, 1, True):
+        with pytest.raises(DDPLaunchError, match=f"devices_per_process={wrong}"):
+            DDPSplitStrategy(devices_per_process=wrong)
 
 
 def test_chunks_larger_than_the_per_process_batch_fail_before_the_first_step() -> None:
@@ -123,7 +129,7 @@ def test_a_gpu_this_node_lacks_is_named_before_the_process_group(monkeypatch: py
 
 def test_every_gpu_of_the_group_is_checked_before_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    strategy = DDPStrategy(devices_per_process=2)
+    strategy = DDPSplitStrategy(devices_per_process=2)
     strategy.parallel_devices = [torch.device("cuda", 3), torch.device("cuda", 1)]
     assert strategy.root_device == torch.device("cuda", 1)  # the output device exists; cuda:3 does not
     with pytest.raises(DDPLaunchError, match=r"should train on cuda:3, but this node sees 2 GPU\(s\)"):
@@ -143,7 +149,7 @@ def test_two_process_mistakes_fail_before_any_process_starts(
     started: list[Any] = []
     monkeypatch.setattr("subprocess.Popen", lambda *a, **k: started.append(a))  # no child may start
     environ = dict(os.environ)
-    strategy = DDPStrategy(devices_per_process=2, **split)
+    strategy = DDPSplitStrategy(devices_per_process=2, **split)
     trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=strategy, **QUIET)
     try:
         with pytest.raises(PlacementError, match=message):

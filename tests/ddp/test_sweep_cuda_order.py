@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from lightning.fabric.plugins.environments import LightningEnvironment
 
-from lightning_gpupar.strategies import launcher as launchers
-from lightning_gpupar.strategies.launcher import DDP_ENV_KEYS, HydraAwareScriptLauncher
+from lightning_gpupar.ddp import launcher as launchers
+from lightning_gpupar.ddp.launcher import DDP_ENV_KEYS, HydraAwareScriptLauncher
 
 
 class FakeChild:

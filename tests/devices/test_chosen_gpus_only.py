@@ -16,7 +16,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import Strategy
 from torch import nn
 
-from lightning_gpupar import DataParallelStrategy, DDPStrategy, ModelSplitStrategy
+from lightning_gpupar import DataParallelStrategy, DDPSplitStrategy, DDPStrategy, ModelSplitStrategy
 from lightning_gpupar.devices import resolve_devices
 from lightning_gpupar.strategies import ddp_split as ddp_module  # where the split overrides live
 from tests.helpers.nvml_support import FakeNVML, cuda_contexts, fake_nvml, gpu
@@ -40,7 +40,7 @@ def _strategies() -> dict[str, Strategy]:
         "model_split": ModelSplitStrategy(
             placement=PLACEMENT, accelerator=CUDAAccelerator(), parallel_devices=list(CHOSEN)
         ),
-        "ddp_split": DDPStrategy(
+        "ddp_split": DDPSplitStrategy(
             devices_per_process=2,
             placement=PLACEMENT,
             accelerator=CUDAAccelerator(),

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from lightning_gpupar.cli import devices as cli
-from lightning_gpupar.device_locks import LOCK_DIR_ENV
 from lightning_gpupar.devices import DeviceSelectionError, resolve_devices
+from lightning_gpupar.devices.locks import LOCK_DIR_ENV
 from tests.conftest import ROOT
 from tests.helpers.nvml_support import FAKE_NVML_DIR, FakeNVML, fake_nvml, gpu
 from tests.helpers.programs import PROGRAMS

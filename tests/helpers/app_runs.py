@@ -36,7 +36,7 @@ TINY = (
 STRATEGIES = {
     "single": ("strategy=single",),
     "dp": ("strategy=dp", "strategy.device_ids=2"),
-    "model_split": ("strategy=split", "strategy.device_ids=2"),
+    "model_split": ("strategy=model_split", "strategy.device_ids=2"),
     "ddp": ("strategy=ddp", "strategy.device_ids=2"),
 }
 

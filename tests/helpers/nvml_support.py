@@ -14,8 +14,9 @@ import lightning.pytorch.accelerators.cuda
 import pytest
 import torch
 
-from lightning_gpupar import device_locks, devices
-from lightning_gpupar.device_locks import LOCK_DIR_ENV
+from lightning_gpupar.devices import locks as device_locks
+from lightning_gpupar.devices import requests as devices
+from lightning_gpupar.devices.locks import LOCK_DIR_ENV
 
 FAKE_NVML_DIR = Path(__file__).resolve().parent / "fake_nvml"
 GiB = 2**30

@@ -14,7 +14,7 @@ from examples.models import TransformerNet
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.devices import format_bytes
 from lightning_gpupar.model_split import PipelineError, PlacementError, infer_stages, plan_placement
-from lightning_gpupar.model_split.auto import ChainUnit
+from lightning_gpupar.model_split.balance.by_memory import ChainUnit
 from lightning_gpupar.model_split.paths import module_bytes
 
 CPU2 = [torch.device("cpu")] * 2

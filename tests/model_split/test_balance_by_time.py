@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_gpupar.model_split import ModelSplit, PlacementError
-from lightning_gpupar.model_split.balance import TimedPlan, partition_chain
+from lightning_gpupar.model_split.balance.by_time import TimedPlan, partition_chain
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
 

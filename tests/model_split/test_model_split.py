@@ -27,7 +27,7 @@ from tests.helpers.markers import GiB, requires_cuda
 MAP = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
 #: The command line of the issue, exactly as written there.
 ISSUE_OVERRIDES = (
-    "strategy=split",
+    "strategy=model_split",
     "strategy.device_ids=[0,1]",
     "strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}",
     "strategy.chunks=4",
@@ -254,7 +254,9 @@ def test_hydra_split_config_with_dotted_placement_keys(compose_app: Callable[...
     assert isinstance(strategy, ModelSplitStrategy)
     assert strategy.placement == MAP and list(strategy.placement) == list(MAP)  # order = stage order
     assert strategy.chunks == 4 and len(strategy.devices) == 2
-    auto = build_trainer(compose_app("strategy=split", "strategy.placement=auto", "trainer.accelerator=cpu"))
+    auto = build_trainer(
+        compose_app("strategy=model_split", "strategy.placement=auto", "trainer.accelerator=cpu")
+    )
     assert isinstance(auto.strategy, ModelSplitStrategy) and auto.strategy.placement == "auto"
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gpupar import DDPStrategy
 from lightning_gpupar.model_split import PlacementError
 from lightning_gpupar.model_split.handoff import PLAN_ENV, check_same_plan, plan_from_json, plan_to_json
 from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy
@@ -19,7 +18,7 @@ CPU4 = [torch.device("cpu")] * 4
 
 
 def split_strategy(**options: object) -> DDPSplitStrategy:
-    strategy = DDPStrategy(devices_per_process=2, **options)
+    strategy = DDPSplitStrategy(devices_per_process=2, **options)
     assert isinstance(strategy, DDPSplitStrategy)
     strategy.parallel_devices = CPU4
     return strategy

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from lightning_gpupar import device_locks, devices
 from lightning_gpupar.devices import DeviceSelectionError, resolve_devices
+from lightning_gpupar.devices import locks as device_locks
+from lightning_gpupar.devices import requests as devices
 
 devices.cuda_device_count = lambda: int(os.environ["FAKE_GPU_COUNT"])  # a CPU build of torch sees none
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gpupar import DDPStrategy
+from lightning_gpupar import DDPSplitStrategy, DDPStrategy
 
 LR = 0.05
 
@@ -75,7 +75,9 @@ def main() -> None:
     processes = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     chunks = int(sys.argv[7]) if len(sys.argv) > 7 else 2
     strategy = (
-        DDPStrategy(timeout=60, devices_per_process=2, placement={"net.0-1": 0, "net.2": 1}, chunks=chunks)
+        DDPSplitStrategy(
+            timeout=60, devices_per_process=2, placement={"net.0-1": 0, "net.2": 1}, chunks=chunks
+        )
         if split
         else DDPStrategy(timeout=60)
     )

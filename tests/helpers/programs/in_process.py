@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.distributed
 
-from lightning_gpupar import DDPStrategy
+from lightning_gpupar import DDPSplitStrategy, DDPStrategy
 
 
 class LeaveNoTrace(pl.Callback):
@@ -36,7 +36,11 @@ def in_process_ddp(devices_per_process: int = 1, **split: Any) -> dict[str, Any]
     With ``devices_per_process=k`` (ddp_split) the one rank owns k CPU devices and splits its model.
     """
     return {
-        "strategy": DDPStrategy(devices_per_process=devices_per_process, **split),
+        "strategy": (
+            DDPSplitStrategy(devices_per_process=devices_per_process, **split)
+            if devices_per_process > 1
+            else DDPStrategy(**split)
+        ),
         "accelerator": "cpu",
         "devices": devices_per_process,
         "use_distributed_sampler": False,

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpupar.devices import query_inventory, resolve_devices
-from lightning_gpupar.gpu_info import cuda_handles, load_nvml, process_ids
+from lightning_gpupar.devices.nvml import cuda_handles, load_nvml, process_ids
 from tests.helpers.equivalence import TinyNet
 
 

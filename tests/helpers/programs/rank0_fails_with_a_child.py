@@ -14,7 +14,7 @@ import time
 
 from lightning.fabric.plugins.environments import LightningEnvironment
 
-from lightning_gpupar.strategies.launcher import HydraAwareScriptLauncher
+from lightning_gpupar.ddp.launcher import HydraAwareScriptLauncher
 
 
 class OneSleepingChild(HydraAwareScriptLauncher):

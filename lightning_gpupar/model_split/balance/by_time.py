@@ -30,7 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_gpupar.devices import format_bytes
+from lightning_gpupar.devices.sizes import format_bytes
 from lightning_gpupar.model_split.chain_check import _buffers_kept
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.paths import module_bytes

@@ -37,7 +37,8 @@ from lightning.fabric.plugins.environments import ClusterEnvironment, LightningE
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_gpupar.devices import AUTO_IDS_ENV, LAUNCHER_PID_ENV
+from lightning_gpupar.devices.requests import AUTO_IDS_ENV, LAUNCHER_PID_ENV
+from lightning_gpupar.errors import GpuparError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ CHILD_EXIT_GRACE_S = 60.0
 FAILURE_REPORT_GRACE_S = 5.0
 
 
-class DDPLaunchError(RuntimeError):
+class DDPLaunchError(GpuparError, RuntimeError):
     """The DDP processes cannot be started as configured; the message says what to change."""
 
 

@@ -25,6 +25,9 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_gpupar.devices.sizes import format_bytes
+from lightning_gpupar.errors import GpuparError
+
 #: Where the numbers came from.
 Source = Literal["nvml", "torch.cuda.mem_get_info"]
 
@@ -51,7 +54,7 @@ class GPUInventory:
     note: str | None = None
 
 
-class NVMLUnavailable(RuntimeError):
+class NVMLUnavailable(GpuparError, RuntimeError):
     """NVML cannot answer for this process's GPUs; the message says why."""
 
 
@@ -182,6 +185,4 @@ def _text(value: str | bytes) -> str:
 
 
 def _bytes(n: int | None) -> str:
-    from lightning_gpupar.devices import format_bytes
-
     return "memory n/a" if n is None else format_bytes(n)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_gpupar.errors import GpuparError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge
 from lightning_gpupar.model_split.paths import holds_tensors, is_within, join
 
@@ -54,7 +55,7 @@ class ChainUnit:
 Partitioner = Callable[[Sequence[ChainUnit], Sequence[float]], list[int]]
 
 
-class NoFit(Exception):
+class NoFit(GpuparError):
     """The chain units cannot be placed under the caps."""
 
     def __init__(self, chain: Sequence[ChainUnit] = ()) -> None:
@@ -120,7 +121,7 @@ def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_s
             continue  # nothing to place: it runs where its input is
         cost = memory.parts(path, own_only).total
         fits = used[pos] + cost <= caps[pos]
-        splittable = not own_only and _splittable(path, module, no_split)
+        splittable = not own_only and _can_descend(path, module, no_split)
         if splittable and ties_outside(path, ties):
             queue.extendleft(reversed(_children(root, path, key)))
             continue
@@ -169,7 +170,7 @@ def search(
         splittable = [
             u
             for u in units
-            if no_split is not None and not u[1] and _splittable(u[0], root.get_submodule(u[0]), no_split)
+            if no_split is not None and not u[1] and _can_descend(u[0], root.get_submodule(u[0]), no_split)
         ]
         if not splittable:
             raise NoFit(chain)
@@ -179,7 +180,9 @@ def search(
         ]
 
 
-def _splittable(path: str, module: nn.Module, no_split: set[str]) -> bool:
+def _can_descend(path: str, module: nn.Module, no_split: set[str]) -> bool:
+    """Whether the walk may place ``module``'s children apart: not kept whole, children hold tensors, and
+    it has no tensors of its own (its forward may use them beside any child's output)."""
     if type(module).__name__ in no_split or not any(holds_tensors(c) for c in module.children()):
         return False
     return path == "" or not holds_tensors(module, recurse=False)

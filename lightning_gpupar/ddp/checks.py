@@ -12,6 +12,8 @@ from datetime import timedelta
 
 import torch.distributed
 
+from lightning_gpupar.errors import GpuparError
+
 #: Launch variables that hold a count or a rank, and the smallest valid value.
 _INT_VARIABLES = {
     "WORLD_SIZE": 1,
@@ -23,7 +25,7 @@ _INT_VARIABLES = {
 }
 
 
-class DDPConfigError(ValueError):
+class DDPConfigError(GpuparError, ValueError):
     """A DDP option or launch variable that cannot work; the message says what to write instead."""
 
 

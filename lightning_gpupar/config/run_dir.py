@@ -15,7 +15,7 @@ Add it to a Hydra app's primary config::
     hydra:
       callbacks:
         run_dir_guard:
-          _target_: lightning_gpupar.run_dir.RunDirGuard
+          _target_: lightning_gpupar.config.run_dir.RunDirGuard
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lightning_gpupar.devices import LAUNCHER_PID_ENV
+from lightning_gpupar.devices.requests import LAUNCHER_PID_ENV
+from lightning_gpupar.errors import GpuparError
 
 LOCK_NAME = ".run.lock"
 #: Variables that give a process's rank, in the order launchers set them; any non-zero one: not rank 0.
 RANK_ENV = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(GpuparError, RuntimeError):
     """The run directory cannot be used: it lies under a file, or another live run holds it."""
 
 

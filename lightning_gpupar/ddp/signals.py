@@ -39,7 +39,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from typing_extensions import override
 
-from lightning_gpupar.devices import LAUNCHER_PID_ENV
+from lightning_gpupar.devices.requests import LAUNCHER_PID_ENV
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ defaults list, so a misspelt key or a wrong type fails at composition with Hydra
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
@@ -17,8 +18,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_gpupar.config_checks import check_config
+from lightning_gpupar.config.checks import check_config
 from lightning_gpupar.devices import DeviceSelection, resolve_devices
+from lightning_gpupar.model_split import ModelSplit
 from lightning_gpupar.strategies.ddp import DEFAULT_TIMEOUT_S
 
 #: Keys of a strategy config that choose devices; the rest are the strategy's constructor arguments.
@@ -64,26 +66,26 @@ class DDPStrategyConfig(StrategyConfig):
     timeout: float = DEFAULT_TIMEOUT_S
 
 
-@dataclass
-class ModelSplitFields:
-    """How one model copy is split: the fields of :class:`lightning_gpupar.model_split.ModelSplit`, which
-    ``tests/app/test_option_lists.py`` keeps in agreement with the strategies' arguments and the YAML files.
+def _split_schema_fields() -> list[tuple[str, Any, Any]]:
+    """:class:`ModelSplit`'s fields as Hydra schema fields: typed where the type is plain (bool, int, str),
+    else ``Any`` with a null default, so that Hydra parses dotted dict keys in ``strategy.placement=...``
+    (null placement means ``auto``)."""
+    plain = {"bool": bool, "int": int, "str": str}
+    schema: list[tuple[str, Any, Any]] = []
+    for option in dataclasses.fields(ModelSplit):
+        kind = plain.get(str(option.type))
+        schema.append((option.name, kind or Any, dataclasses.field(default=option.default if kind else None)))
+    return schema
 
-    ``placement`` stays untyped and null by default (null means ``auto``) so that Hydra parses dotted dict
-    keys: ``strategy.placement={model.embed:0,model.blocks.0-1:0,model.blocks.2-3:1,model.head:1}``.
-    """
 
-    placement: Any = None
-    chunks: int = 1
-    stages: Any = None
-    default_device: Any = None
-    output_device: Any = None
-    max_memory: Any = None
-    no_split: Any = None
-    checkpoint: Any = None
-    deferred_batch_norm: bool = True
-    balance: str = "memory"
-    trace: Any = None
+if TYPE_CHECKING:  # a class made at run time is opaque to mypy
+
+    class ModelSplitFields:
+        """How one model copy is split."""
+
+else:
+    #: How one model copy is split: exactly :class:`ModelSplit`'s fields, made from them.
+    ModelSplitFields = dataclasses.make_dataclass("ModelSplitFields", _split_schema_fields())
 
 
 @dataclass
@@ -92,10 +94,6 @@ class ModelSplitStrategyConfig(ModelSplitFields, StrategyConfig):
 
     _target_: Any = "lightning_gpupar.strategies.model_split.ModelSplitStrategy"
     cpu_fallback: int = 2
-
-
-#: The name before 0.2; kept for one release.
-SplitStrategyConfig = ModelSplitStrategyConfig
 
 
 @dataclass
@@ -152,7 +150,6 @@ def register_configs(store: ConfigStore | None = None) -> None:
     store.store(group="schema/strategy", name="ddp", node=DDPStrategyConfig)
     store.store(group="schema/strategy", name="ddp_split", node=DDPSplitStrategyConfig)
     store.store(group="schema/strategy", name="model_split", node=ModelSplitStrategyConfig)
-    store.store(group="schema/strategy", name="split", node=ModelSplitStrategyConfig)  # the name before 0.2
     store.store(group="schema/trainer", name="default", node=TrainerConfig)
 
 

@@ -14,12 +14,15 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from lightning_gpupar.devices import DeviceSelection
+from lightning_gpupar.errors import GpuparError
 
+#: The strategy names the checks know, as the strategies' ``strategy_name`` gives them.
+STRATEGY_KINDS = ("single", "dp", "model_split", "ddp", "ddp_split")
 #: What ``trainer.deterministic`` accepts (Lightning takes any truthy value as True).
 _DETERMINISTIC = (None, True, False, "warn")
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(GpuparError, ValueError):
     """A config value that cannot work; the message names the key, what is valid and a fix."""
 
 
@@ -30,25 +33,11 @@ def check_config(cfg: DictConfig, selection: DeviceSelection) -> None:
 
 
 def strategy_kind(strategy_cfg: DictConfig) -> str:
-    """``single``, ``dp``, ``model_split``, ``ddp`` or ``ddp_split``: what the ``_target_`` builds."""
-    from lightning_gpupar.strategies.ddp import DDPStrategy
-    from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy
-    from lightning_gpupar.strategies.dp import DataParallelStrategy
-    from lightning_gpupar.strategies.model_split import ModelSplitStrategy
-
+    """``single``, ``dp``, ``model_split``, ``ddp`` or ``ddp_split``: the registry name of what ``_target_``
+    builds (a class of Lightning's own that is none of these counts as ``single``)."""
     target = strategy_cfg.get("_target_")
-    if target is None:
-        return "single"
-    cls = get_class(str(target))
-    if issubclass(cls, DDPSplitStrategy):
-        return "ddp_split"
-    if issubclass(cls, DDPStrategy):
-        return "ddp"
-    if issubclass(cls, DataParallelStrategy):
-        return "dp"
-    if issubclass(cls, ModelSplitStrategy):
-        return "model_split"
-    return "single"
+    name = None if target is None else getattr(get_class(str(target)), "strategy_name", None)
+    return name if name in STRATEGY_KINDS else "single"
 
 
 def check_trainer(trainer_cfg: DictConfig, kind: str) -> None:
@@ -89,15 +78,18 @@ def check_strategy(strategy_cfg: DictConfig, selection: DeviceSelection) -> None
 
 
 def _check_backend_on(backend: Any, selection: DeviceSelection) -> None:
-    if backend is None:
+    """Refuse nccl alone for CPU devices (``"nccl"``, ``"cuda:nccl"``): it moves CUDA tensors only."""
+    names = (
+        set()
+        if backend is None
+        else {part.split(":")[-1].strip().lower() for part in str(backend).split(",")}
+    )
+    if selection.accelerator != "cpu" or not names or not names <= {"nccl"}:
         return
-    names = {part.split(":")[-1].strip().lower() for part in str(backend).split(",")}
-    if selection.accelerator == "cpu" and names <= {"nccl"}:
-        raise ConfigValueError(
-            f"strategy.process_group_backend={backend!r} with CPU devices: nccl moves CUDA tensors only. "
-            "Use strategy.process_group_backend=gloo (or null: gloo on the CPU, nccl on GPUs), or train on "
-            "GPUs."
-        )
+    raise ConfigValueError(
+        f"strategy.process_group_backend={backend!r} with CPU devices: nccl moves CUDA tensors only. Use "
+        "strategy.process_group_backend=gloo (or null: gloo on the CPU, nccl on GPUs), or train on GPUs."
+    )
 
 
 def _check_output_device(wanted: Any, selection: DeviceSelection) -> None:

@@ -30,17 +30,16 @@ from lightning.fabric.accelerators.cuda import num_cuda_devices
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.device_parser import _normalize_parse_gpu_string_input
 
-from lightning_gpupar import device_locks
-from lightning_gpupar.gpu_info import GPUInfo, GPUInventory, read_gpus
+from lightning_gpupar.devices import locks as device_locks
+from lightning_gpupar.devices.nvml import GPUInfo, GPUInventory, read_gpus
+from lightning_gpupar.devices.sizes import UNITS, format_bytes, parse_bytes
+from lightning_gpupar.errors import GpuparError
 
 __all__ = ["GPUInfo", "GPUInventory"]
 
 DeviceRequest = int | str | Sequence[int] | None
-AcceleratorName = Literal["auto", "cpu", "gpu", "cuda"]
 
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
 #: Set by a launching rank for each rank it starts: the GPU ids its ``"auto"`` resolved to, e.g. ``"2,0"``.
@@ -51,7 +50,7 @@ AUTO_IDS_ENV = "LIGHTNING_GPUPAR_AUTO_DEVICE_IDS"
 LAUNCHER_PID_ENV = "LIGHTNING_GPUPAR_LAUNCHER_PID"
 
 
-class DeviceSelectionError(ValueError):
+class DeviceSelectionError(GpuparError, ValueError):
     """A device request that cannot be satisfied; the message says what exists and what to write."""
 
 
@@ -71,25 +70,6 @@ class DeviceSelection:
 
     def __len__(self) -> int:
         return len(self.devices)
-
-
-def parse_bytes(value: int | str) -> int:
-    """``"10GiB"`` -> 10737418240; ``"1.5GB"`` -> 1500000000; ints pass through."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"Cannot read {value!r} as a size: write e.g. 512MiB, 10GiB or 1.5GB.")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in the largest binary unit that keeps the number >= 1."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def cuda_device_count() -> int:
@@ -297,7 +277,7 @@ def _min_free_bytes(value: int | str) -> int:
     if size < 0:
         raise DeviceSelectionError(
             f"min_free_memory={value!r} (strategy.min_free_memory) is not a size: write a number >= 0 with "
-            f"a unit ({', '.join(u for u in _UNITS if u)}, any case), e.g. 512MiB, 10GiB or 1.5GB. It is "
+            f"a unit ({', '.join(u for u in UNITS if u)}, any case), e.g. 512MiB, 10GiB or 1.5GB. It is "
             "checked on every machine, also where there is no GPU to apply it to."
         )
     return size
