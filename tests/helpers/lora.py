@@ -64,11 +64,12 @@ class LoraLM(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (input_ids,) = batch
         logits = self(input_ids)
-        loss = torch.nn.functional.cross_entropy(
+        return torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, VOCAB).double(), input_ids[:, 1:].reshape(-1).to(logits.device)
         )
-        self.losses.append(float(loss.detach()))
-        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))  # dp: the replicas' losses combined, once per step
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.grads.append(
@@ -89,3 +90,33 @@ def token_loader(n: int = 8, batch: int = 4) -> DataLoader:
 
 def trainable_weights(module: pl.LightningModule) -> dict[str, Tensor]:
     return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+class LoraChain(pl.LightningModule):
+    """``self.model``: PEFT LoRA (the feed-forward layers) over our TransformerNet, a chain of stages, so it
+    pipelines (``chunks > 1``); classifies token sequences, SGD on the adapters."""
+
+    def __init__(self, layers: int = 4, seed: int = 0, lr: float = 0.5) -> None:
+        super().__init__()
+        peft = pytest.importorskip("peft")
+        from examples.models import TransformerNet
+
+        torch.manual_seed(seed)
+        net = TransformerNet(VOCAB, 16, 2, layers, 3, SEQ).double()
+        config = peft.LoraConfig(r=4, target_modules=["linear1", "linear2"], init_lora_weights=False)
+        self.model = peft.get_peft_model(net, config)
+        self.lr = lr
+        self.losses: list[float] = []
+        self.grads: list[dict[str, Tensor]] = []
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (input_ids,) = batch
+        labels = (input_ids.sum(dim=1) % 3).to(self.device)
+        return torch.nn.functional.cross_entropy(self(input_ids), labels.to(input_ids.device))
+
+    on_train_batch_end = LoraLM.on_train_batch_end
+    on_before_optimizer_step = LoraLM.on_before_optimizer_step
+    configure_optimizers = LoraLM.configure_optimizers
