@@ -26,6 +26,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig
 
 from lightning_gpupar.config import build_trainer
+from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.plan import PlacementPlan, cuda_free_bytes
 from lightning_gpupar.strategies.ddp_split import DDPSplitStrategy
 from lightning_gpupar.strategies.model_split import ModelSplitStrategy
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     if not config_dir.is_dir():
         parser.error(f"--config-dir {args.config_dir}: no such directory (run from the app's root)")
     cfg = compose_config(config_dir, args.config_name, args.overrides)
-    plan = plan_for_config(cfg, use_data=not args.no_data)
+    try:
+        plan = plan_for_config(cfg, use_data=not args.no_data)
+    except PlacementError as err:  # a model that cannot fit, a bad map: the message says what to change
+        print(f"gpupar-plan: error: {err}", file=sys.stderr)
+        return 1
     print(plan.table(cuda_free_bytes))
     return 0
 
