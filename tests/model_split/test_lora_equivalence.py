@@ -66,6 +66,29 @@ def test_lora_trains_as_on_one_device(arch: str, case: str) -> None:
     assert_equivalent(run, reference)
 
 
+#: What transformers' from_pretrained(device_map=...) leaves on the causal LM: its submodules -> devices
+#: (on CPU devices an int is a position in the strategy's devices).
+HF_DEVICE_MAP = {
+    "model.embed_tokens": 0,
+    "model.rotary_emb": 0,
+    "model.layers.0": 0,
+    "model.layers.1": 1,
+    "model.norm": 1,
+    "lm_head": 1,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="needs placement=device_map (i22a)")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_device_mapped_lora_model_trains_as_on_one_device(arch: str) -> None:
+    reference = fit(LoraLM(arch, layers=2))
+    module = LoraLM(arch, layers=2)
+    module.model.base_model.model.hf_device_map = dict(HF_DEVICE_MAP)
+    run = fit(module, strategy=ModelSplitStrategy("device_map"), devices=2)
+    assert_equivalent(run, reference)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_a_lora_chain_trains_as_on_one_device_with_micro_batches(chunks: int) -> None:
