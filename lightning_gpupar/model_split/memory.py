@@ -222,6 +222,9 @@ def _saved_by_module(
 
     hooks = [m.register_forward_pre_hook(enter) for m in root.modules()]
     hooks += [m.register_forward_hook(leave, always_call=True) for m in root.modules()]
+    # functional_call restores name by name: a module under two names (nn.Sequential(conv, conv)) would
+    # get a stand-in back for its second name, so every module's own tensors are put back here
+    own = [(m, d, n, t) for m in root.modules() for d in (m._parameters, m._buffers) for n, t in d.items()]
     try:
         with (
             _training_mode(root),
@@ -233,6 +236,8 @@ def _saved_by_module(
     finally:
         for hook in hooks:
             hook.remove()
+        for _, tensors_of, name, tensor in own:
+            tensors_of[name] = tensor  # type: ignore[assignment]
     return saved, order
 
 

@@ -35,11 +35,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from lightning_gpupar.dp.batch import split_batch
+from lightning_gpupar.dp.batch import BatchSplitError, split_batch
 from lightning_gpupar.dp.gather import gather_outputs
 from lightning_gpupar.model_split.batchnorm import DeferredBatchNorms, batch_norms
 from lightning_gpupar.model_split.chain_check import check_stage_chain
-from lightning_gpupar.model_split.errors import PipelineError
+from lightning_gpupar.model_split.errors import PipelineError, PlacementError
 from lightning_gpupar.model_split.hooks import all_on
 from lightning_gpupar.model_split.paths import (
     common_ancestor,
@@ -70,12 +70,63 @@ def gpipe_schedule(num_microbatches: int, num_partitions: int) -> list[list[tupl
 
 @dataclass(frozen=True)
 class Partition:
-    """Consecutive stages on one device; ``recomputed[k]``: recompute stage k's activations in backward."""
+    """Consecutive stages on one device; ``recomputed[k]``: recompute stage k's activations in backward.
+
+    Consecutive recomputed stages form one *segment*, checkpointed as a whole (torchgpipe checkpoints a
+    whole partition, so ``checkpoint="all"`` recomputes each partition once per micro-batch)."""
 
     position: int
     device: torch.device
     stages: tuple[Callable[..., Any], ...]
     recomputed: tuple[bool, ...]
+
+    def segments(self) -> list[tuple[tuple[Callable[..., Any], ...], bool]]:
+        """The stages grouped into maximal runs of equal ``recomputed``, in order: (stages, recomputed)."""
+        runs: list[tuple[tuple[Callable[..., Any], ...], bool]] = []
+        for stage, recomputed in zip(self.stages, self.recomputed, strict=True):
+            if runs and runs[-1][1] == recomputed:
+                runs[-1] = ((*runs[-1][0], stage), recomputed)
+            else:
+                runs.append(((stage,), recomputed))
+        return runs
+
+
+def run_partition(partition: Partition, data: Any, first: bool) -> Any:
+    """One micro-batch through one partition's stages; ``first``: ``data`` is the owner's ``(args, kwargs)``.
+
+    Recomputed segments are checkpointed only while training with gradients on (in eval mode, or under
+    ``no_grad``, there is no backward to save memory for: torchgpipe turns checkpointing off too)."""
+    for stages, recomputed in partition.segments():
+        args, kwargs = data if first else ((data,), {})
+        first = False
+        if recomputed and torch.is_grad_enabled() and _training(stages[0]):
+            data = recompute_in_backward(_chain_on_copies, stages, *args, use_reentrant=False, **kwargs)
+        else:
+            data = _chain(stages, *args, **kwargs)
+    return data
+
+
+def _chain(stages: Sequence[Callable[..., Any]], *args: Any, **kwargs: Any) -> Any:
+    """``stages[-1](... stages[1](stages[0](*args, **kwargs)))``."""
+    data = stages[0](*args, **kwargs)
+    for stage in stages[1:]:
+        data = stage(data)
+    return data
+
+
+def _chain_on_copies(stages: Sequence[Callable[..., Any]], *args: Any, **kwargs: Any) -> Any:
+    """:func:`_chain` on copies of the tensors it receives. A recomputed segment runs twice on its input;
+    an in-place operation on it (``ReLU(inplace=True)`` right after a hand-off) would change the input of
+    the second run (autograd refuses: "modified by an inplace operation"). The copies are made inside the
+    checkpoint, so nothing more is kept for backward."""
+    args, kwargs = apply_to_collection((args, kwargs), Tensor, lambda t: t.clone())
+    return _chain(stages, *args, **kwargs)
+
+
+def _training(stage: Callable[..., Any]) -> bool:
+    """The training flag of a stage: a module, or the bound ``forward`` of one (a stage owner)."""
+    module = stage if isinstance(stage, nn.Module) else getattr(stage, "__self__", None)
+    return bool(getattr(module, "training", True))
 
 
 class Pipeline:
@@ -104,7 +155,14 @@ class Pipeline:
         self.calls = 0  #: how many batches ran through the pipeline
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        shards, sizes = split_batch((args, kwargs), self.chunks)
+        try:
+            shards, sizes = split_batch((args, kwargs), self.chunks)
+        except BatchSplitError as err:
+            raise PipelineError(
+                f"chunks={self.chunks}: the pipeline splits every tensor {self.owner_name} receives along "
+                f"dim 0 into micro-batches, so all of them need the same batch dimension. {err} "
+                "(docs/pipeline.md)"
+            ) from err
         if self.check_first_call is not None:
             self.check_first_call(*shards[0])
             self.check_first_call = None
@@ -133,13 +191,7 @@ class Pipeline:
         """Run one micro-batch through one partition; returns its output and the event that marks it done."""
         data, ready = self.streams.transfer(data, ready, partition.device)
         with self.streams.compute(partition.device, data, ready):
-            steps = zip(partition.stages, partition.recomputed, strict=True)
-            for k, (stage, recomputed) in enumerate(steps):
-                args, kwargs = data if first and k == 0 else ((data,), {})
-                if recomputed:
-                    data = recompute_in_backward(stage, *args, use_reentrant=False, **kwargs)
-                else:
-                    data = stage(*args, **kwargs)
+            data = run_partition(partition, data, first)
         return data, self.streams.record(partition.device)
 
 
@@ -305,14 +357,25 @@ def install_pipeline(
     ``trace``: a path; record a few steps' schedule there (:mod:`~lightning_gpupar.model_split.trace`).
     """
     paths = _stage_paths(root, stages)
+    if not paths:
+        raise PipelineError(
+            f"chunks={chunks} pipelines a sequence of stages, but there are none: no stages were given. "
+            "Declare them (name the stages: strategy.stages=[...], or the placement's keys in the order the "
+            "forward calls them), or use chunks=1."
+        )
     owner_path = stage_owner(paths)
     owner = root.get_submodule(owner_path)
     _check_sequence(root, owner_path, owner, paths)
     recomputed = _recomputed_stages(root, paths, recompute)
     previous = owner.__dict__.get("forward")
+    norms = batch_norms(root.get_submodule(p) for p in paths)
+    tracked = [n for n in norms if n.track_running_stats]  # the others have no statistics to defer
+    deferred = DeferredBatchNorms(tracked) if tracked and chunks > 1 and deferred_batch_norm else None
     callables: list[Callable[..., Any]] = [root.get_submodule(p) for p in paths]
     if paths == [owner_path]:
-        callables = [owner.forward]  # micro-batching one module: its own forward is the stage
+        # micro-batching one module: its forward is the stage, read after the deferral of BatchNorm
+        # statistics replaced it on a BatchNorm owner (the pipeline then replaces it in turn)
+        callables = [owner.forward]
     partitions: list[Partition] = []
     for path, stage, position in zip(paths, callables, _positions(plan, paths), strict=True):
         if partitions and partitions[-1].position == position:
@@ -322,9 +385,6 @@ def install_pipeline(
             )
         else:
             partitions.append(Partition(position, plan.devices[position], (stage,), (path in recomputed,)))
-    norms = batch_norms(root.get_submodule(p) for p in paths)
-    tracked = [n for n in norms if n.track_running_stats]  # the others have no statistics to defer
-    deferred = DeferredBatchNorms(tracked) if tracked and chunks > 1 and deferred_batch_norm else None
     if norms and chunks > 1 and not deferred_batch_norm:
         warnings.warn(
             f"chunks={chunks} with BatchNorm in the pipelined stages: each micro-batch is normalised on its "
@@ -381,7 +441,7 @@ def _check_sequence(root: nn.Module, owner_path: str, owner: nn.Module, paths: l
             f"never called itself. {declare}"
         )
     if isinstance(owner, nn.Sequential):
-        expected = [join(owner_path, n) for n, _ in owner.named_children()]
+        expected = [join(owner_path, n) for n, m in owner._modules.items() if m is not None]  # shared too
         if paths != expected:
             raise PipelineError(
                 f"{name} is an nn.Sequential: its stages are {expected}, in that order; got {paths}."
@@ -390,7 +450,7 @@ def _check_sequence(root: nn.Module, owner_path: str, owner: nn.Module, paths: l
     if holds_tensors(owner, recurse=False):
         raise PipelineError(f"chunks > 1: {name} owns tensors: it is not only a chain of stages.")
     prefix = len(owner_path) + 1 if owner_path else 0
-    missing = [join(owner_path, p) for p, _ in uncovered(owner, {p[prefix:] for p in paths})]
+    missing = [join(owner_path, p) or name for p, _ in uncovered(owner, {p[prefix:] for p in paths})]
     if missing:
         verb = "holds parameters and is" if len(missing) == 1 else "hold parameters and are"
         raise PipelineError(
@@ -427,16 +487,26 @@ def _position(plan: PlacementPlan, path: str) -> int | None:
     return inside.pop()
 
 
+def recomputed_stages(root: nn.Module, stages: Sequence[str], recompute: Recompute) -> set[str]:
+    """The stage paths the ``checkpoint=`` option ``recompute`` names, checked against the stage sequence
+    ``stages`` (what a pipeline over them would recompute in backward)."""
+    return _recomputed_stages(root, _stage_paths(root, stages), recompute)
+
+
 def _recomputed_stages(root: nn.Module, paths: list[str], recompute: Recompute) -> set[str]:
     """The stage paths whose activations are recomputed in backward (the ``checkpoint=`` option)."""
     if recompute is None or recompute is False or recompute in ("never", "none"):
         return set()
     if recompute is True or recompute in ("all", "always"):
         return set(paths)
-    if isinstance(recompute, str):
-        recompute = [recompute]
-    chosen = set(_stage_paths(root, list(recompute)))
-    unknown = sorted(chosen - set(paths))
+    chosen: set[str] = set()
+    unknown: list[str] = []
+    for name in [recompute] if isinstance(recompute, str) else list(recompute):
+        try:
+            chosen.update(_stage_paths(root, [name]))
+        except (PlacementError, AttributeError):  # no such submodule
+            unknown.append(name)
+    unknown += sorted(chosen - set(paths))
     if unknown:
         raise PipelineError(f"checkpoint names {unknown}, which are not stages; the stages are {paths}.")
     return chosen

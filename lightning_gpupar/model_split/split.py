@@ -16,10 +16,16 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
-from lightning_gpupar.model_split.balance.by_time import plan_by_time
-from lightning_gpupar.model_split.errors import PlacementError
+from lightning_gpupar.model_split.balance.by_time import RunPrecision, plan_by_time
+from lightning_gpupar.model_split.errors import PipelineError, PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
-from lightning_gpupar.model_split.pipeline import Pipeline, PipelineHandle, Recompute, install_pipeline
+from lightning_gpupar.model_split.pipeline import (
+    Pipeline,
+    PipelineHandle,
+    Recompute,
+    install_pipeline,
+    recomputed_stages,
+)
 from lightning_gpupar.model_split.plan import (
     Placement,
     PlacementPlan,
@@ -96,6 +102,13 @@ class ModelSplit:
             )
         parse_max_memory(self.max_memory)  # keys and sizes fail here, before any Trainer exists
         self.stages = list(self.stages) if self.stages is not None else None
+        if self.chunks > 1 and self.pipeline_stages_declared() == []:
+            named = "stages=[]" if self.stages is not None else "placement={}"
+            raise PipelineError(
+                f"chunks={self.chunks} pipelines a sequence of stages, but {named} names none. Name the "
+                "stages in the order the forward calls them (strategy.stages=[...] or the placement's "
+                "keys), use placement='auto' (the stages are inferred), or chunks=1."
+            )
         self.no_split = list(self.no_split or ())
 
     @property
@@ -113,11 +126,14 @@ class ModelSplit:
         devices: Sequence[torch.device],
         optimizer: torch.optim.Optimizer | None = None,
         example_input: Any = None,
+        precision: RunPrecision | None = None,
     ) -> PlacementPlan:
-        """Where each submodule of ``module`` goes on ``devices``; computed without allocating.
+        """Where each submodule of ``module`` goes on ``devices``; computed without allocating (but for
+        ``balance="time"``, which runs the stages).
 
         ``optimizer`` and ``example_input`` make the training-memory estimate exact (see
-        :func:`~lightning_gpupar.model_split.plan.plan_placement`)."""
+        :func:`~lightning_gpupar.model_split.plan.plan_placement`); ``precision``: the run's, in which
+        ``balance="time"`` times the stages of the already converted module."""
         stages = self.stages
         if stages is None and self.chunks > 1 and self.is_auto:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
@@ -130,6 +146,7 @@ class ModelSplit:
                 chunks=self.chunks,
                 output_device=self.output_device,
                 max_memory=self.max_memory,
+                precision=precision,
             )
         return plan_placement(
             module,
@@ -144,13 +161,18 @@ class ModelSplit:
             example_input=example_input,
         )
 
-    def pipeline_stages(self, module: nn.Module) -> list[str]:
-        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""
+    def pipeline_stages_declared(self) -> list[str] | None:
+        """The stage sequence as declared (``stages``, else the map's keys in order); ``None``: inferred."""
         if self.stages is not None:
             return list(self.stages)
         if isinstance(self.placement, Mapping):
             return [str(key) for key in self.placement]
-        return infer_stages(module, self.no_split)
+        return None
+
+    def pipeline_stages(self, module: nn.Module) -> list[str]:
+        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""
+        declared = self.pipeline_stages_declared()
+        return declared if declared is not None else infer_stages(module, self.no_split)
 
     def apply(
         self,
@@ -178,6 +200,12 @@ class ModelSplit:
             rank_zero_warn(
                 f"trace={self.trace!r} records the pipeline's schedule, but chunks=1 runs no pipeline: "
                 "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
+                category=UserWarning,
+            )
+        if self.chunks == 1 and recomputed_stages(module, self.pipeline_stages(module), self.checkpoint):
+            rank_zero_warn(  # the names are checked all the same: a typo fails now, not once chunks grows
+                f"checkpoint={self.checkpoint!r} recomputes pipeline stages in backward, but chunks=1 runs "
+                "no pipeline: it has no effect. Use chunks > 1, or torch.utils.checkpoint in the model.",
                 category=UserWarning,
             )
         first = getattr(rank_zero_only, "rank", 0) == 0  # ddp_split: one process writes the trace

@@ -89,10 +89,13 @@ class SplitStrategyMixin(_StrategyBase):
         (``setup_environment``'s ``set_device``) is on that device rather than on the last one: asked of a
         plan of the attached LightningModule (sizes only: no optimizer, no forward; nothing moves); while no
         module exists or its layers are still to be built (``configure_model``), the declared
-        ``output_device`` position, else the last device."""
+        ``output_device`` position, else the last device. ``balance="time"`` plans only in
+        :meth:`model_to_device`, once per fit, on the module Lightning converted to the run's precision:
+        before, the declared ``output_device``, else the last device (where its plans put the output unless
+        ``max_memory`` leaves the last device empty)."""
         devices = self.split_devices
         module = self.lightning_module
-        if module is not None:
+        if module is not None and not (self.split.balance == "time" and self.split.is_auto):
             try:
                 return self.split.plan(module, devices).output_device
             except PlacementError:
@@ -119,9 +122,11 @@ class SplitStrategyMixin(_StrategyBase):
         )
 
     def make_plan(self) -> PlacementPlan:
-        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input."""
+        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input, in
+        the run's precision (``balance="time"`` times the stages as training will run them)."""
         assert self.model is not None
-        return self.split.plan(self.model, self.split_devices, **planning_inputs(self.model))
+        inputs = planning_inputs(self.model)
+        return self.split.plan(self.model, self.split_devices, precision=self.precision_plugin, **inputs)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.model_split import ModelSplit, PlacementError
 from lightning_gpupar.model_split.balance.by_time import TimedPlan, partition_chain
+from tests.helpers.trainer import QUIET
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
 
@@ -90,3 +95,42 @@ def test_time_balance_needs_a_sample_and_a_known_choice() -> None:
         ModelSplit("auto", balance="time").plan(chain, CPU2)
     with pytest.raises(PlacementError, match=r"balance='speed'.*'memory', 'time'"):
         ModelSplit("auto", balance="speed")
+
+
+class Plain(pl.LightningModule):
+    """Three float32 layers and a float32 sample; the precision plugin converts both for the run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+        self.example_input_array = torch.randn(4, 8)
+        self.seen: list[tuple[torch.dtype, bool]] = []  # (input dtype, training started) per call of model.0
+        self.training_started = False
+        self.model[0].register_forward_pre_hook(
+            lambda m, a: self.seen.append((a[0].dtype, self.training_started))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def on_train_start(self) -> None:
+        self.training_started = True
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).float().pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
+def test_stages_are_timed_once_per_fit_in_the_runs_precision(precision: str, dtype: torch.dtype) -> None:
+    module = Plain()
+    strategy = ModelSplitStrategy("auto", chunks=2, balance="time")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=1, precision=precision, **QUIET
+    )
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(4, 8)), batch_size=4))
+    planning = [d for d, started in module.seen if not started]
+    assert planning == [dtype] * (1 + 1 + 3)  # one forward recording the stage inputs, warm-up, 3 repetitions

@@ -13,17 +13,21 @@
 4. places the groups with the ordinary planner, so the plan and its table are the usual ones plus the
    measured time of each device's stages and the expected GPipe bubble ``(K-1)/(M+K-1)``.
 
-The times come from one device type and one sample, so they rank the stages; they do not predict step
-times on other hardware.
+Given the run's ``precision`` (Lightning's precision plugin, once it converted the module), the sample is
+converted as training batches are and every forward runs in its ``forward_context``: stages are timed in
+the dtype, or under the autocast, the run uses. The times come from one device type and one sample, so
+they rank the stages; they do not predict step times on other hardware.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -36,6 +40,14 @@ from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.paths import module_bytes
 from lightning_gpupar.model_split.pipeline import _stage_paths
 from lightning_gpupar.model_split.plan import PlacementPlan, _caps, plan_placement
+
+
+class RunPrecision(Protocol):
+    """What timing needs of the run's precision: Lightning's precision plugins provide both."""
+
+    def convert_input(self, data: Any) -> Any: ...
+
+    def forward_context(self) -> AbstractContextManager[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -85,14 +97,31 @@ def measure_stage_times(
     device: torch.device,
     warmup: int = 1,
     repeats: int = 3,
+    precision: RunPrecision | None = None,
 ) -> list[float]:
     """Median forward + backward seconds of each stage of ``root`` on the input it gets from ``sample``.
 
-    Each stage moves to ``device`` for its measurement and back afterwards; gradients, buffers and the
-    RNG state are as before.
+    Everything runs in training mode; each stage moves to ``device`` for its measurement and back
+    afterwards; gradients, buffers, training flags and the RNG state are as before. ``precision``: the
+    run's, which converts the sample and wraps every forward (the module must already be converted, as
+    Lightning converts it before placement).
     """
     modules = [root.get_submodule(path) for path in stages]
-    inputs = _stage_inputs(root, modules, sample)
+    with _training_mode(root):
+        return _measure(root, modules, sample, device, warmup, repeats, precision)
+
+
+def _measure(
+    root: nn.Module,
+    modules: Sequence[nn.Module],
+    sample: Any,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    precision: RunPrecision | None,
+) -> list[float]:
+    inputs = _stage_inputs(root, modules, sample, precision)
+    in_precision = precision.forward_context if precision is not None else contextlib.nullcontext
     times = []
     gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=gpus), _buffers_kept(modules):
@@ -106,7 +135,8 @@ def measure_stage_times(
                 args, kwargs = _fresh_leaves((args, kwargs))
                 _synchronize(device)
                 start = time.perf_counter()
-                outputs = [t for t in _tensors(module(*args, **kwargs)) if t.requires_grad]
+                with in_precision():
+                    outputs = [t for t in _tensors(module(*args, **kwargs)) if t.requires_grad]
                 if outputs:
                     torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
                 _synchronize(device)
@@ -167,10 +197,11 @@ def plan_by_time(
     chunks: int = 1,
     output_device: int | None = None,
     max_memory: Mapping[Any, int | str] | None = None,
+    precision: RunPrecision | None = None,
 ) -> TimedPlan:
     """Place ``stages`` (the chain, in order) over ``devices`` by measured time; see the module doc."""
     paths = _stage_paths(root, stages)
-    times = measure_stage_times(root, paths, sample_input(root), devices[0])
+    times = measure_stage_times(root, paths, sample_input(root), devices[0], precision=precision)
     sizes = [module_bytes(root.get_submodule(p))[1] for p in paths]
     groups = partition_chain(times, sizes, _caps(max_memory, devices))
     placement = dict(zip(paths, groups, strict=True))
@@ -181,8 +212,11 @@ def plan_by_time(
     return TimedPlan(**{**base, "entries": entries}, stage_times=timed, chunks=chunks)
 
 
-def _stage_inputs(root: nn.Module, modules: Sequence[nn.Module], sample: Any) -> list[tuple[Any, Any]]:
-    """Each stage's (args, kwargs) when ``root`` runs ``sample``, recorded on its first call."""
+def _stage_inputs(
+    root: nn.Module, modules: Sequence[nn.Module], sample: Any, precision: RunPrecision | None = None
+) -> list[tuple[Any, Any]]:
+    """Each stage's (args, kwargs) when ``root`` runs ``sample`` (in ``precision``), recorded on its first
+    call."""
     seen: dict[int, tuple[Any, Any]] = {}
     handles = [
         m.register_forward_pre_hook(
@@ -191,8 +225,10 @@ def _stage_inputs(root: nn.Module, modules: Sequence[nn.Module], sample: Any) ->
         for m in modules
     ]
     gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    context = precision.forward_context() if precision is not None else contextlib.nullcontext()
+    sample = precision.convert_input(sample) if precision is not None else sample
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=gpus), _buffers_kept([root]):
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus), _buffers_kept([root]), context:
             if isinstance(sample, tuple):
                 root(*sample)
             elif isinstance(sample, dict):
@@ -209,6 +245,19 @@ def _stage_inputs(root: nn.Module, modules: Sequence[nn.Module], sample: Any) ->
             "declare the stages the forward runs (strategy.stages=[...]) or use balance='memory'."
         )
     return [seen[id(m)] for m in modules]
+
+
+@contextlib.contextmanager
+def _training_mode(root: nn.Module) -> Iterator[None]:
+    """``root`` in training mode inside the block (stages are timed as training runs them), its modules'
+    own flags back afterwards."""
+    flags = [(module, module.training) for module in root.modules()]
+    root.train()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def _fresh_leaves(data: Any) -> Any:
