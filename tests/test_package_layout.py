@@ -107,7 +107,8 @@ def test_no_import_cycle() -> None:
 
 def test_a_cycle_would_be_found(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(GRAPH, "lightning_gpupar.dp.batch", {"lightning_gpupar.strategies.dp"})
-    assert ["lightning_gpupar.dp.batch", "lightning_gpupar.strategies.dp"] in _cycles()
+    wanted = {"lightning_gpupar.dp.batch", "lightning_gpupar.strategies.dp"}  # maybe via dp.gather
+    assert any(wanted <= set(cycle) for cycle in _cycles())
 
 
 @pytest.mark.parametrize("layer", LOWER)

@@ -15,12 +15,15 @@ that say what is wrong with the file and what to do.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import re
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,20 +116,68 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
 
 
 def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", weights_only: bool = True) -> Any:
-    """``torch.load`` with readable errors; tensors go to ``map_location`` (default: CPU)."""
+    """``torch.load`` with readable errors; tensors go to ``map_location`` (default: CPU).
+
+    A pipe (``/dev/stdin`` fed by ``cat``, a FIFO, a shell's ``<(...)``) is read whole into memory first,
+    as torch's zip reader needs to seek; any other file that is not a regular one (a terminal, a device)
+    is refused by name.
+    """
     file = Path(path)
-    if not file.is_file():
+    if not file.exists() or file.is_dir():
         what = "is a directory" if file.is_dir() else "does not exist"
         raise FileNotFoundError(f"Checkpoint {str(file)!r} {what}.")
+    if file.is_file():
+        return _load(_Source(repr(str(file)), path=file), map_location, weights_only)
+    mode = file.stat().st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        kind = "a character device (a terminal, /dev/null...)" if stat.S_ISCHR(mode) else "a device"
+        raise CheckpointFileError(
+            f"Checkpoint {str(file)!r} is {kind}: a checkpoint is read from a regular file or a pipe "
+            "(cat run.ckpt | gpupar-ckpt inspect -)."
+        )
+    label = f"{str(file)!r} (a pipe)"
+    return _load(_Source(label, data=file.read_bytes()), map_location, weights_only)
+
+
+def load_checkpoint_bytes(
+    data: bytes, label: str = "stdin", map_location: Any = "cpu", weights_only: bool = True
+) -> Any:
+    """:func:`load_checkpoint_file` for a checkpoint's bytes (read from a pipe); ``label`` names them."""
+    return _load(_Source(label, data=data), map_location, weights_only)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A checkpoint to read: a regular file's path, or bytes read from a pipe; ``label`` names it."""
+
+    label: str
+    path: Path | None = None
+    data: bytes | None = None
+
+    def open(self) -> Path | io.BytesIO:
+        return self.path if self.path is not None else io.BytesIO(self.data or b"")
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path is not None else len(self.data or b"")
+
+    def head(self, n: int) -> bytes:
+        if self.path is None:
+            return (self.data or b"")[:n]
+        with self.path.open("rb") as f:
+            return f.read(n)
+
+
+def _load(source: _Source, map_location: Any, weights_only: bool) -> Any:
     try:
-        return torch.load(file, map_location=map_location, weights_only=weights_only)
+        return torch.load(source.open(), map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        needed = _globals_outside_the_allow_list(file, err) if weights_only else []
+        needed = _globals_outside_the_allow_list(source, err) if weights_only else []
         if needed:
-            raise UnsafeCheckpointError(_unsafe_message(file, needed)) from err
-        raise _file_error(file, err) from err
+            raise UnsafeCheckpointError(_unsafe_message(source, needed)) from err
+        raise _file_error(source, err) from err
     except Exception as err:  # torch's readers fail in many ways on bytes that are not a checkpoint
-        raise _file_error(file, err) from err
+        raise _file_error(source, err) from err
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -180,50 +231,80 @@ _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose m
 _UNPICKLER_SAID = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", re.DOTALL)
 
 
-def _globals_outside_the_allow_list(file: Path, err: BaseException) -> list[str]:
+def _globals_outside_the_allow_list(source: _Source, err: BaseException) -> list[str]:
     """The globals a weights-only load refused; empty when the file failed for another reason.
 
     Only these mean "the file is fine but needs full unpickling": a corrupt, foreign or plain-pickle
     file also fails as "Weights only load failed", and must not be sent to unsafe unpickling.
     """
-    if not _is_torch_file(file):  # a plain pickle: unpickling it fully would not make it a checkpoint
+    if _format(source) not in ("zip", "legacy"):  # unpickling a plain pickle would not make a checkpoint
         return []
     try:
-        listed = list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        listed = list(torch.serialization.get_unsafe_globals_in_checkpoint(source.open()))
     except Exception:  # not torch's zip format, or its pickle is broken: rely on torch's message
         listed = []
     return listed or _REFUSED_GLOBAL.findall(str(err))
 
 
-def _is_torch_file(file: Path) -> bool:
-    """Whether ``file`` is in one of ``torch.save``'s formats: a zip archive, or the legacy format, whose
-    first pickle is torch's magic number (a 10-byte ``LONG1``, near the start whatever the protocol)."""
-    if zipfile.is_zipfile(file):
-        return True
+#: How a zip archive's first entry starts: torch.save's format begins so, whole or cut short.
+_ZIP_ENTRY = b"PK\x03\x04"
+
+
+def _format(source: _Source) -> str | None:
+    """Which of ``torch.save``'s formats ``source`` is in: ``"zip"``; ``"cut zip"`` (it starts as a zip
+    archive but its end, the central directory, is missing: cut short); ``"legacy"``, whose first pickle
+    is torch's magic number (a 10-byte ``LONG1``, near the start whatever the protocol); or ``None``."""
+    if zipfile.is_zipfile(source.open()):
+        return "zip"
+    head = source.head(32)
+    if head.startswith(_ZIP_ENTRY):
+        return "cut zip"
     magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
-    with file.open("rb") as f:
-        return magic in f.read(32)
+    return "legacy" if magic in head else None
 
 
-def _unsafe_message(file: Path, needed: list[str]) -> str:
+def _unsafe_message(source: _Source, needed: list[str]) -> str:
     return (
-        f"Checkpoint {str(file)!r} cannot be loaded with weights_only=True: it needs these Python objects "
+        f"Checkpoint {source.label} cannot be loaded with weights_only=True: it needs these Python objects "
         f"rebuilt: {', '.join(needed)}. {UNSAFE_HINT} Or allow just those types: "
         "torch.serialization.add_safe_globals."
     )
 
 
-def _file_error(file: Path, err: BaseException) -> CheckpointFileError:
+def _file_error(source: _Source, err: BaseException) -> CheckpointFileError:
     said = _UNPICKLER_SAID.search(str(err))
     reason = said.group(1).strip() if said else (str(err).splitlines() or [""])[0]
-    if file.stat().st_size and not _is_torch_file(file):  # torch's words would suggest allow-listing
+    size, found = source.size, _format(source)
+    if not size:
         return CheckpointFileError(
-            f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is in "
-            "neither of torch.save's formats (a zip archive, or the legacy format), e.g. a plain pickle or "
-            "another kind of file. Pass a file written by torch.save or a Lightning checkpoint."
+            f"{source.label} is empty (0 bytes): nothing was written there, or the pipe carried nothing. "
+            "Pass a file written by torch.save or a Lightning checkpoint."
         )
+    ended_early = isinstance(err, EOFError) or "EOF" in str(err) or "truncated" in str(err)
+    cut = found == "cut zip" or (found == "legacy" and ended_early)
+    if cut:
+        ends = (
+            "its end (the zip archive's central directory) is missing"
+            if found == "cut zip"
+            else ("its data ends early")
+        )
+        return CheckpointFileError(
+            f"{source.label} ({size} bytes) is truncated: it starts as a checkpoint in torch.save's "
+            f"{'zip' if found == 'cut zip' else 'legacy'} format, but {ends}, so the file is incomplete "
+            "(a copy or download that did not finish, or a write that was cut short). Use a complete copy."
+        )
+    if found is None:  # torch's words would suggest allow-listing
+        return CheckpointFileError(
+            f"{source.label} ({size} bytes) is not a readable PyTorch checkpoint: it is in neither of "
+            "torch.save's formats (a zip archive, or the legacy format), e.g. a plain pickle or another "
+            "kind of file. Pass a file written by torch.save or a Lightning checkpoint."
+        )
+    what = (
+        "is a zip archive, corrupted or of other files"
+        if found == "zip"
+        else ("starts in torch.save's legacy format but is corrupted")
+    )
     return CheckpointFileError(
-        f"{str(file)!r} ({file.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
-        f"truncated, corrupted or another kind of file (a plain pickle is one). torch said: "
+        f"{source.label} ({size} bytes) is not a readable PyTorch checkpoint: it {what}. torch said: "
         f"{type(err).__name__}: {reason or type(err).__name__}"
     )

@@ -83,9 +83,15 @@ def save_error(
     """An error naming ``target``, what the system said, the space needed and the space free."""
     reason = f"{cause.strerror or cause} (errno {errno.errorcode.get(cause.errno or 0, cause.errno)})"
     needed = _needed(cause, written, write)
+    # The target is as it was before the save (writes go to a temporary file): name it only if it exists.
+    kept = (
+        f"The previous {target.name!r} is untouched"
+        if target.exists()
+        else f"No file is left at {target.name!r} (none was there before)"
+    )
     message = (
         f"Could not save the checkpoint {str(target)!r}: {reason}. {needed}{_free(target.parent)}. "
-        f"The previous {target.name!r} is untouched and no temporary file is left. "
+        f"{kept} and no temporary file is left. "
         "Free space there, or save elsewhere (ModelCheckpoint(dirpath=...), hydra.run.dir=...)."
     )
     error = CheckpointSaveError(message)

@@ -2,10 +2,13 @@
 
     gpupar-ckpt inspect RUN.ckpt
     gpupar-ckpt export RUN.ckpt OUT.pt --submodule model          # net.load_state_dict(torch.load("OUT.pt"))
-    gpupar-ckpt export RUN.ckpt OUT.safetensors --submodule model --format safetensors
+    gpupar-ckpt export RUN.ckpt OUT.safetensors --submodule model # safetensors: the extension chooses
     gpupar-ckpt export RUN.ckpt ADAPTER_DIR --submodule model --trainable-only --format safetensors
+    cat RUN.ckpt | gpupar-ckpt inspect -                          # '-' (or /dev/stdin): read a pipe
 
-Inputs are only read. Errors print one message and exit with status 1 (2 for usage errors).
+OUT's extension chooses the format (.safetensors, or .pt/.pth/.bin/.ckpt for torch.save; others: pt);
+``--format`` is for other names, and one that contradicts the extension is refused. Inputs are only
+read. Errors print one message and exit with status 1 (2 for usage errors).
 """
 
 from __future__ import annotations
@@ -30,15 +33,28 @@ from lightning_gpupar.checkpoint import (
     submodule_state_dict,
 )
 from lightning_gpupar.checkpoint.adapters import PEFT_CONFIG, trainable_export, write_trainable
-from lightning_gpupar.checkpoint.io import atomic_write
+from lightning_gpupar.checkpoint.io import atomic_write, load_checkpoint_bytes
 
 _LIGHTNING_SCALARS = ("epoch", "global_step", "pytorch-lightning_version")
+#: The format an output file's extension names.
+FORMAT_OF_EXTENSION = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt", ".ckpt": "pt"}
+#: How to read back what export wrote, per format.
+READ_BACK = {"pt": "torch.load", "safetensors": "safetensors.torch.load_file"}
+#: The input argument that means "read the checkpoint from stdin".
+STDIN = "-"
+
+
+class UsageError(CheckpointError, ValueError):
+    """Arguments that contradict each other (exit status 2, as argparse's usage errors)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except UsageError as err:
+        print(f"gpupar-ckpt: error: {err}", file=sys.stderr)
+        return 2
     except (CheckpointError, OSError) as err:
         print(f"gpupar-ckpt: error: {err}", file=sys.stderr)
         return 1
@@ -52,7 +68,7 @@ def inspect(args: argparse.Namespace) -> int:
         saved_on[storage.data_ptr()] = location
         return storage
 
-    checkpoint = load_checkpoint_file(args.ckpt, remember_device, weights_only=not args.unsafe_unpickle)
+    checkpoint = _load(args.ckpt, remember_device, weights_only=not args.unsafe_unpickle)
     state_dict = _state_dict(checkpoint, args.ckpt)
     if state_dict is not checkpoint:
         print("Lightning checkpoint")
@@ -82,11 +98,12 @@ def inspect(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     """Write the canonical (optionally one submodule's) state dict as a plain file."""
     source, out = Path(args.ckpt), Path(args.out)
-    if out.exists() and out.resolve() == source.resolve():
+    fmt, chosen_by = _output_format(out, args.format)
+    if out.exists() and args.ckpt != STDIN and out.resolve() == source.resolve():
         raise CheckpointError(f"OUT {str(out)!r} is the input checkpoint; choose another path.")
     if out.exists() and not args.force:
         raise CheckpointError(f"{str(out)!r} exists; pass --force to replace it.")
-    checkpoint = load_checkpoint_file(source, "cpu", weights_only=not args.unsafe_unpickle)
+    checkpoint = _load(args.ckpt, "cpu", weights_only=not args.unsafe_unpickle)
     state_dict = normalize_state_dict(_state_dict(checkpoint, source))
     if args.submodule:
         candidates = submodule_candidates(state_dict)
@@ -96,27 +113,60 @@ def export(args: argparse.Namespace) -> int:
                 f"Candidates: {', '.join(candidates[:20]) or 'none (all tensors sit at the top level)'}."
             )
         if args.trainable_only:
-            return _export_trainable(checkpoint, state_dict, args, out)
+            return _export_trainable(checkpoint, state_dict, args.submodule, out, fmt)
         state_dict = submodule_state_dict(state_dict, args.submodule)
     elif args.trainable_only:
-        return _export_trainable(checkpoint, state_dict, args, out)
-    if args.format == "safetensors":
+        return _export_trainable(checkpoint, state_dict, None, out, fmt)
+    if fmt == "safetensors":
         _save_safetensors(state_dict, out)
     else:
         atomic_torch_save(state_dict, out)
-    print(f"Wrote {len(state_dict)} tensors to {out} ({args.format}).")
+    written = f"Wrote {len(state_dict)} tensors to {str(out)!r} as {fmt} ({chosen_by})"
+    print(f"{written}; read it with {READ_BACK[fmt]}.")
     return 0
 
 
 def _export_trainable(
-    checkpoint: Any, state_dict: Mapping[str, Any], args: argparse.Namespace, out: Path
+    checkpoint: Any, state_dict: Mapping[str, Any], submodule: str | None, out: Path, fmt: str
 ) -> int:
     """Only the tensors that train (a PEFT adapter under its own keys, with its config beside it)."""
-    tensors, config = trainable_export(checkpoint, state_dict, args.submodule)
-    written = write_trainable(tensors, config, out, args.format)
+    tensors, config = trainable_export(checkpoint, state_dict, submodule)
+    written = write_trainable(tensors, config, out, fmt)
     extra = f" and {PEFT_CONFIG}" if config is not None else ""
-    print(f"Wrote {len(tensors)} trainable tensors to {written}{extra} ({args.format}).")
+    print(f"Wrote {len(tensors)} trainable tensors to {written}{extra} ({fmt}).")
     return 0
+
+
+def _output_format(out: Path, given: str | None) -> tuple[str, str]:
+    """The format to write ``out`` in, and what chose it: ``--format``, the extension, or the default."""
+    named = FORMAT_OF_EXTENSION.get(out.suffix.lower())
+    if given is not None and named is not None and given != named:
+        raise UsageError(
+            f"--format {given} contradicts OUT {out.name!r}, whose extension {out.suffix} names {named}. "
+            f"Drop --format to write {named}, or name the file for {given} "
+            f"(e.g. {out.stem}.{'safetensors' if given == 'safetensors' else 'pt'})."
+        )
+    if given is not None:
+        return given, f"chosen by --format {given}"
+    if named is not None:
+        return named, f"chosen by the extension {out.suffix}"
+    return (
+        "pt",
+        f"the default for {out.suffix or 'no'} extension; --format safetensors writes safetensors",
+    )
+
+
+def _load(arg: str, map_location: Any, weights_only: bool) -> Any:
+    """The checkpoint named on the command line: a file, a pipe, or stdin for ``-``."""
+    if arg != STDIN:
+        return load_checkpoint_file(arg, map_location, weights_only=weights_only)
+    if sys.stdin.isatty():
+        raise CheckpointError(
+            "The checkpoint is to be read from stdin ('-'), but stdin is a terminal: pipe a file in "
+            "(cat run.ckpt | gpupar-ckpt inspect -) or name the file."
+        )
+    data = sys.stdin.buffer.read()
+    return load_checkpoint_bytes(data, "stdin", map_location, weights_only=weights_only)
 
 
 def _state_dict(checkpoint: Any, path: str | Path) -> Mapping[str, Any]:
@@ -161,13 +211,18 @@ def _parser() -> argparse.ArgumentParser:
         help="load with weights_only=False: can run arbitrary code, only for files you trust",
     )
     show = commands.add_parser("inspect", parents=[unsafe], help="keys, shapes, dtypes, devices, metadata")
-    show.add_argument("ckpt", help="a Lightning checkpoint or a saved state dict")
+    show.add_argument("ckpt", help="a Lightning checkpoint or a saved state dict; '-' reads stdin")
     show.set_defaults(run=inspect)
     out = commands.add_parser("export", parents=[unsafe], help="plain state dict for the bare nn.Module")
-    out.add_argument("ckpt", help="a Lightning checkpoint or a saved state dict")
-    out.add_argument("out", help="where to write the weights")
+    out.add_argument("ckpt", help="a Lightning checkpoint or a saved state dict; '-' reads stdin")
+    out.add_argument("out", help="where to write the weights; its extension chooses the format")
     out.add_argument("--submodule", help="export only this attribute of the LightningModule, e.g. model")
-    out.add_argument("--format", choices=("pt", "safetensors"), default="pt")
+    out.add_argument(
+        "--format",
+        choices=("pt", "safetensors"),
+        default=None,
+        help="pt (torch.save) or safetensors; default: by OUT's extension (.safetensors; else pt)",
+    )
     out.add_argument("--force", action="store_true", help="replace OUT if it exists")
     out.add_argument(
         "--trainable-only",

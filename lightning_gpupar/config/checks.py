@@ -71,6 +71,12 @@ def check_trainer(trainer_cfg: DictConfig, kind: str) -> None:
 def check_strategy(strategy_cfg: DictConfig, selection: DeviceSelection) -> None:
     """Strategy options that depend on the chosen devices."""
     kind = strategy_kind(strategy_cfg)
+    if selection.cpu_stage and kind != "model_split":
+        raise ConfigValueError(
+            f"strategy.device_ids={strategy_cfg.device_ids!r}: 'cpu' beside GPU ids makes the CPU a stage "
+            f"device of a split model, which only strategy=model_split has; strategy={kind} cannot use it. "
+            "Remove 'cpu' from the list, or use strategy=model_split."
+        )
     if kind in ("ddp", "ddp_split"):
         _check_backend_on(strategy_cfg.get("process_group_backend"), selection)
     if kind == "dp" and strategy_cfg.get("output_device") is not None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import ParallelStrategy, SingleDeviceStrategy, Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_gpupar.config.checks import check_config
@@ -187,6 +187,8 @@ def build_trainer(cfg: DictConfig, **trainer_kwargs: Any) -> pl.Trainer:
             f"selected {len(selection)}. Choose one device, or a parallel strategy "
             "(strategy=dp, strategy=ddp)."
         )
+    if selection.cpu_stage and isinstance(strategy, ParallelStrategy):
+        strategy.parallel_devices = list(selection.devices)  # Lightning's devices= names the GPUs only
     trainer = instantiate(
         cfg.trainer,
         accelerator=selection.accelerator,

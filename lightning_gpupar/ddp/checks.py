@@ -29,15 +29,24 @@ class DDPConfigError(GpuparError, ValueError):
     """A DDP option or launch variable that cannot work; the message says what to write instead."""
 
 
+#: The range ``strategy.timeout`` may take, in seconds: 1 s to a day. Below, a rendezvous cannot finish
+#: (torch fails with "client socket has timed out after 1ms"); beyond, a hung collective holds the GPUs for
+#: days, and ``inf`` overflows ``timedelta``.
+TIMEOUT_RANGE_S = (1.0, 86400.0)
+
+
 def check_timeout(timeout: float | timedelta | None) -> timedelta | None:
-    """``timeout`` (seconds or a ``timedelta``) as a positive ``timedelta``; ``None`` stays ``None``."""
+    """``timeout`` (seconds or a ``timedelta``) as a ``timedelta`` within :data:`TIMEOUT_RANGE_S`;
+    ``None`` (torch's default) stays ``None``."""
     if timeout is None:
         return None
+    low, high = TIMEOUT_RANGE_S
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not low <= seconds <= high:
         raise DDPConfigError(
-            f"timeout={timeout!r} (strategy.timeout): how long a collective may wait, in seconds, must be a "
-            "number > 0. Write e.g. strategy.timeout=1800 (torch's default, 30 minutes)."
+            f"timeout={seconds!r} (strategy.timeout) is not a number of seconds from {low:g} to {high:g} "
+            "(a day): it is how long the rendezvous and each collective may wait before every rank fails. "
+            "Write e.g. strategy.timeout=1800 (torch's default, 30 minutes)."
         )
     return timedelta(seconds=seconds)
 

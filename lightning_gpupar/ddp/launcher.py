@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,8 @@ from lightning.fabric.plugins.environments import ClusterEnvironment, LightningE
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_gpupar.ddp.rendezvous import check_rendezvous
+from lightning_gpupar.devices.agreement import check_strategy_devices
 from lightning_gpupar.devices.requests import AUTO_IDS_ENV, LAUNCHER_PID_ENV
 from lightning_gpupar.errors import GpuparError
 
@@ -104,7 +107,18 @@ class HydraAwareScriptLauncher(_SubprocessScriptLauncher):
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         """Check the process layout, start this node's other ranks, then run ``function`` here."""
         _retire_previous_job()
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None:  # a strategy given its own devices, and a Trainer asking for others
+            check_strategy_devices(trainer, type(strategy).__name__, getattr(strategy, "node_devices", None))
         self._check_process_layout()
+        env = self.cluster_environment
+        timeout = getattr(strategy, "_timeout", None)
+        check_rendezvous(
+            env,
+            self.num_nodes,
+            env.node_rank() * self.num_processes + env.local_rank(),
+            timeout.total_seconds() if timeout is not None else None,
+        )
         check = getattr(getattr(trainer, "strategy", None), "check_before_launch", None)
         if check is not None:  # the strategy's own checks that need the model or loaders, before any child
             check(function, *args)
@@ -203,16 +217,33 @@ def _report_failed_children(children: Sequence[subprocess.Popen], node_offset: i
             break
         time.sleep(0.05)
     for local_rank, proc in enumerate(children, start=1):
-        code = proc.poll()
-        if code:
+        code, rank = proc.poll(), node_offset + local_rank
+        if code is not None and code < 0:  # killed by a signal: it printed no error of its own
+            log.error(
+                "Rank %d (pid %d) was killed by signal %s before rank 0 failed, so it printed no error: "
+                "the cause is outside the run (the out-of-memory killer: see `dmesg`; a kill by a user or "
+                "a scheduler).",
+                rank,
+                proc.pid,
+                _signal_name(-code),
+            )
+        elif code:
             log.error(
                 "Rank %d (pid %d) exited with code %d before rank 0 failed: its error, printed above "
                 "with the prefix [rank%d], is the cause.",
-                node_offset + local_rank,
+                rank,
                 proc.pid,
                 code,
-                node_offset + local_rank,
+                rank,
             )
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL (9)``, or the bare number for a signal this platform does not name."""
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        return str(number)
 
 
 def _kill(children: Sequence[subprocess.Popen]) -> None:

@@ -11,6 +11,8 @@ A request is what a user writes in ``strategy.device_ids``:
                    chosen once by the launching rank, refused in ranks torchrun or SLURM started
 ``"auto:2"``       the two GPUs with the most free memory
 ``"cpu"``          CPU devices (the strategy's default count)
+``[0, 1, cpu]``    GPUs 0 and 1 and the CPU as one more device (``model_split``: a CPU stage beside GPUs;
+                   ``"0,1,cpu"`` too); with ``trainer.accelerator=cpu``: three CPU devices (dry runs)
 =================  ==============================================================================
 
 Everything that can be wrong with a request is reported here, before a Trainer exists, in an error that
@@ -67,6 +69,11 @@ class DeviceSelection:
         if self.accelerator == "cuda":
             return [d.index for d in self.devices if d.index is not None]
         return len(self.devices)
+
+    @property
+    def cpu_stage(self) -> bool:
+        """The CPU beside GPUs (``[0, 1, cpu]``): a device Lightning's ``devices=`` cannot name."""
+        return self.accelerator == "cuda" and any(d.type == "cpu" for d in self.devices)
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -251,7 +258,15 @@ def resolve_devices(
         return _cuda(range(available) if request == -1 else range(request))
 
     ids = list(request)
+    cpu_stage = _cpu_stage(list(ids), request)
+    if cpu_stage is not None:
+        ids.pop(cpu_stage)
     _check_ids(ids, request)
+    if cpu_stage is not None:
+        if accelerator == "cpu":
+            return _cpu(len(ids) + 1)  # a dry run of the split on CPU devices: positions stay the same
+        gpus = _cuda_ids(ids, available)
+        return DeviceSelection("cuda", (*gpus[:cpu_stage], torch.device("cpu"), *gpus[cpu_stage:]))
     if accelerator == "cpu":
         if ids != list(range(len(ids))):
             raise DeviceSelectionError(
@@ -259,13 +274,34 @@ def resolve_devices(
                 f"Write strategy.device_ids={len(ids)}."
             )
         return _cpu(len(ids))
+    return DeviceSelection("cuda", _cuda_ids(ids, available))
+
+
+def _cuda_ids(ids: list[int], available: int) -> tuple[torch.device, ...]:
+    """The CUDA devices of ``ids``, each checked against what this process sees."""
     _require_cuda(ids, available)
     unknown = [i for i in ids if i >= available]
     if unknown:
         raise DeviceSelectionError(
             f"device_ids={ids}: no GPU with id {', '.join(map(str, unknown))}. {_visible_note(available)}"
         )
-    return _cuda(ids)
+    return _cuda(ids).devices
+
+
+def _cpu_stage(ids: Sequence[object], request: object) -> int | None:
+    """The position of the one ``cpu`` item in a list of GPU ids (a CPU stage beside GPUs), if any."""
+    found = [i for i, item in enumerate(ids) if isinstance(item, str) and item.strip().lower() == "cpu"]
+    if len(found) > 1:
+        raise DeviceSelectionError(
+            f"device_ids={request!r}: 'cpu' appears {len(found)} times; the CPU is one device. Write it "
+            "once, e.g. strategy.device_ids=[0,1,cpu]."
+        )
+    if found and len(ids) == 1:
+        raise DeviceSelectionError(
+            f"device_ids={request!r}: a list with only 'cpu'. For CPU devices write strategy.device_ids=cpu "
+            "(or a count with trainer.accelerator=cpu); 'cpu' in a list adds the CPU beside GPUs."
+        )
+    return found[0] if found else None
 
 
 def _min_free_bytes(value: int | str) -> int:
@@ -293,6 +329,14 @@ def _normalize(request: DeviceRequest) -> int | str | list[int]:
         text = request.strip().lower()
         if text in ("auto", "cpu") or re.fullmatch(r"auto:[1-9][0-9]*", text):
             return text
+        items = [item.strip() for item in text.strip("[]").split(",")]
+        if "cpu" in items:  # GPU ids and the CPU as a stage device: "0,1,cpu"
+            try:
+                return [item if item == "cpu" else int(item) for item in items]  # type: ignore[misc]
+            except ValueError:
+                raise DeviceSelectionError(
+                    f"device_ids={request!r} is not a device request. {_GRAMMAR}"
+                ) from None
         try:
             return _normalize_parse_gpu_string_input(text.strip("[]"))
         except ValueError:
@@ -306,7 +350,10 @@ def _normalize(request: DeviceRequest) -> int | str | list[int]:
     raise DeviceSelectionError(f"device_ids={request!r} is not a device request. {_GRAMMAR}")
 
 
-_GRAMMAR = "Valid: a list of GPU ids ([0,3] or '0,3'), a count (2), -1 (all GPUs), 'auto', 'auto:N' or 'cpu'."
+_GRAMMAR = (
+    "Valid: a list of GPU ids ([0,3] or '0,3'), a count (2), -1 (all GPUs), 'auto', 'auto:N' or 'cpu'; "
+    "model_split also takes the CPU as a stage device beside GPU ids ([0,1,cpu])."
+)
 
 
 def _check_ids(ids: list[int], request: object) -> None:

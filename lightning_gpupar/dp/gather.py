@@ -4,11 +4,12 @@
   (predictions) come back in the original sample order;
 * scalars (0-dim tensors and Python numbers, the loss among them) are means over shards weighted by shard
   size, which equals the full-batch mean of a per-sample mean;
-* a list or tuple with one item per sample of its shard, all strings (decoded text) or all tensors
-  that are not each a batch of the shard (variable-length boxes), is per-sample and concatenated in
-  order;
-* dicts, dataclasses, namedtuples and other lists and tuples (``[loss, logits]``, ``(logits, features)``,
-  a list of numbers) are gathered item by item;
+* a list or tuple with one item per sample of its shard (decoded text, variable-length boxes) is
+  concatenated in order; which lists those are is the rule the batch split uses,
+  :func:`~lightning_gpupar.dp.batch.sequence_role` (docs/dp.md, "Lists with one item per sample"), and
+  a list that rule calls ambiguous (only numbers, one per sample or a record?) is refused;
+* dicts, dataclasses, namedtuples and other lists and tuples (``[loss, logits]``, ``(logits, features)``)
+  are gathered item by item;
 * any other value (``bool``, ``str``, ``None``, objects) must be the same on every replica; replicas that
   disagree raise an error naming the output's path and the values.
 
@@ -27,6 +28,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import is_dataclass_instance, is_namedtuple
 from torch import Tensor
 
+from lightning_gpupar.dp.batch import AMBIGUOUS, PER_SAMPLE, RECORD, describe, sequence_role
 from lightning_gpupar.errors import GpuparError
 
 
@@ -91,27 +93,30 @@ class _Gatherer:
                 object.__setattr__(result, field.name, gathered[field.name])
         return result
 
-    def _per_sample(self, values: list[Any]) -> bool:
-        """Whether sequences hold one item per sample: strings, or tensors that are not each a batch of
-        the shard (``[boxes_0, boxes_1]``, not ``[logits, features]``), one per sample of every shard.
-        Decided by the items' kinds, not by luck of the lengths: ``[loss, logits]`` is always a record."""
-        if [len(v) for v in values] != self.sizes or is_namedtuple(values[0]):
-            return False
-        items = [item for value in values for item in value]
-        if all(isinstance(item, str | bytes) for item in items):
-            return True
-        tensors = all(isinstance(item, Tensor) and item.dim() > 0 for item in items)
-        batched = all(
-            isinstance(item, Tensor) and item.dim() > 0 and item.shape[0] == size
-            for value, size in zip(values, self.sizes, strict=True)
-            for item in value
+    def _role(self, values: list[Any], path: str) -> str:
+        """The role every replica's sequence plays for its shard (:func:`sequence_role`); replicas that
+        disagree, or an ambiguous sequence, raise a GatherError."""
+        roles = {sequence_role(v, size) for v, size in zip(values, self.sizes, strict=True)}
+        if [len(v) for v in values] != self.sizes:
+            return RECORD  # a record: one length on every replica, unrelated to the shard sizes
+        if len(roles) == 1 and AMBIGUOUS not in roles:
+            return roles.pop()
+        if len(set(self.sizes)) > 1 and RECORD not in roles:
+            return PER_SAMPLE  # lengths that follow uneven shard sizes: one item per sample (ids, numbers)
+        tensors = all(isinstance(i, Tensor) and i.dim() > 0 for v in values for i in v)
+        if roles == {PER_SAMPLE, RECORD} and tensors:
+            return PER_SAMPLE  # ragged tensors, of which a shard's happen to match its size
+        raise GatherError(
+            f"Cannot tell whether the sequences at {path} hold one item per sample: replicas returned "
+            f"{', '.join(describe(v) for v in values)} for shards of {self.sizes} samples. Return per-sample "
+            "numbers as a tensor, and a record as a dict or a namedtuple (docs/dp.md, 'Lists with one item "
+            "per sample')."
         )
-        return tensors and not batched
 
     def _sequence(self, values: list[Any], path: str) -> Any:
         first = values[0]
         lengths = [len(v) for v in values]
-        if self._per_sample(values):
+        if self._role(values, path) == PER_SAMPLE:
             items = [move_data_to_device(item, self.device) for v in values for item in v]
             return type(first)(items)
         if len(set(lengths)) > 1:

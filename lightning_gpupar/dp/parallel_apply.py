@@ -3,6 +3,9 @@
 Grad mode, inference mode and autocast are per thread: a replica running in a worker thread would
 silently lose ``torch.no_grad()`` or mixed precision. Each worker re-enters the caller's state (and, on
 CUDA, makes its device current). One callable runs inline, without a thread.
+
+A ``StopIteration`` escaping a callable is re-raised as :class:`ReplicaStopIterationError` (as PEP 479 does
+for generators): Lightning's loops would otherwise read it as "no more data" and end the epoch silently.
 """
 
 from __future__ import annotations
@@ -15,6 +18,34 @@ from typing import Any
 
 import torch
 
+from lightning_gpupar.errors import GpuparError
+
+
+class ReplicaStopIterationError(GpuparError, RuntimeError):
+    """A ``StopIteration`` (or ``StopAsyncIteration``) escaped user code run by a replica, a pipeline stage
+    or a hook we call; chained to it. Lightning's loops would read it as "no more data" (PEP 479 wraps it the
+    same way for generators)."""
+
+
+class StopIterationAsError:
+    """Re-raise a ``StopIteration`` / ``StopAsyncIteration`` from the block as
+    :class:`ReplicaStopIterationError` naming ``where`` (e.g. ``"data-parallel replica 1 on cuda:1"``)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        if isinstance(error, StopIteration | StopAsyncIteration):
+            raise ReplicaStopIterationError(
+                f"{type(error).__name__} raised in {self.where}. Lightning would read it as the end of the "
+                "data and end the epoch silently, so it is raised as this error instead: find the next() "
+                "or iterator that ran out in the traceback above (e.g. next(self.parameters()) on a module "
+                "without parameters)."
+            ) from error
+
 
 def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.device]) -> list[Any]:
     """``[fn() for fn in fns]``, each in its own thread with the caller's torch state, on its device."""
@@ -24,7 +55,7 @@ def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.devic
     # read there without a wait.
     streams = [torch.cuda.current_stream(d) if d.type == "cuda" else None for d in devices]
     if len(fns) == 1:
-        with on_device(devices[0], streams[0]):
+        with StopIterationAsError(_replica(0, devices[0])), on_device(devices[0], streams[0]):
             return [fns[0]()]
 
     results: list[Any] = [None] * len(fns)
@@ -32,7 +63,8 @@ def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.devic
 
     def work(i: int) -> None:
         try:
-            with enter_state(), on_device(devices[i], streams[i]):
+            device = devices[i]
+            with StopIterationAsError(_replica(i, device)), enter_state(), on_device(device, streams[i]):
                 results[i] = fns[i]()
         except BaseException as error:  # re-raised in the caller's thread below
             errors[i] = error
@@ -48,6 +80,10 @@ def run_parallel(fns: Sequence[Callable[[], Any]], devices: Sequence[torch.devic
                 error.add_note(f"(raised in data-parallel replica {i} on {devices[i]})")
             raise error
     return results
+
+
+def _replica(index: int, device: torch.device) -> str:
+    return f"data-parallel replica {index} on {device}"
 
 
 @contextmanager

@@ -11,11 +11,14 @@ Rules, as in ``nn.DataParallel``:
   kept), the others get copies whose updates are dropped at the end of the step;
 * anything a replica stores on ``self`` during a step is dropped with the replica;
 * ``None`` parameters and buffers (``bias=False``) stay ``None``; a tensor held by several modules (tied
-  weights) is copied once and every holder gets that copy; hooks, parametrizations and an RNN's
+  weights) is copied once and every holder gets that copy; parametrizations and an RNN's
   ``_flat_weights`` (re-pointed by ``setattr``) behave as in torch's replicas.
 
-Two additions: a replica's ``self.device`` is its own device, and a torchmetrics ``Metric`` is copied with
-empty state (its updates are merged into the root's metric by :mod:`lightning_gpupar.dp.replica_results`).
+Additions (docs/dp.md, "What a replica is and what it shares"): a replica answers ``parameters()`` /
+``named_parameters()`` / ``buffers()`` with its own copies (torch's answer nothing), so
+``next(self.parameters())`` and transformers' ``model.device`` work; each replica has its own copies of
+the hook dictionaries, so hooks registered during a step die with it; ``self.device`` is the replica's
+device; a torchmetrics ``Metric`` is copied with empty state (merged back by :mod:`.replica_results`).
 """
 
 from __future__ import annotations
@@ -92,13 +95,46 @@ def replicate(root: ModuleT, devices: Sequence[torch.device]) -> list[ModuleT]:
             for name, param in module._parameters.items():
                 if param is None:  # `bias=False`: the attribute exists and is None, as on the root
                     replica._parameters[name] = None
-                else:  # replicas hold non-leaf tensors as plain attributes, like torch's
-                    setattr(replica, name, param_copies[j][param_index[id(param)]])
+                else:
+                    _hold_parameter(replica, name, param_copies[j][param_index[id(param)]])
             for name, buf in module._buffers.items():
                 replica._buffers[name] = None if buf is None else buffer_copies[j][buffer_index[id(buf)]]
+            _own_hooks(replica)
             if "_device" in replica.__dict__:  # Lightning's DeviceDtypeModuleMixin: `self.device`
                 replica.__dict__["_device"] = device
     return [r[0] for r in replicas]  # type: ignore[misc]
+
+
+def _hold_parameter(replica: nn.Module, name: str, tensor: Tensor) -> None:
+    """Make ``tensor`` the replica's parameter ``name``: what ``replica.name``, ``parameters()`` and
+    ``named_parameters()`` (of the replica and of every module above it) answer.
+
+    torch's replicas hold the copies as plain attributes, so their ``parameters()`` is empty and
+    ``next(self.parameters())`` (transformers' ``model.device`` / ``dtype``) raises ``StopIteration``. Here
+    the copy goes into the replica's own ``_parameters`` dict (a fresh one per replica, the root's untouched),
+    as torch's replicas held it before 1.5: a non-leaf tensor, so gradients flow to the root's parameter,
+    the one optimizers hold. ``setattr`` first, so that modules watching their attributes (an RNN's
+    ``_flat_weights``) see the copy."""
+    setattr(replica, name, tensor)  # a Parameter (first replica, root device) is registered by setattr
+    if name in replica.__dict__:  # a non-leaf copy, set as a plain attribute: move it where parameters live
+        replica._parameters[name] = replica.__dict__.pop(name)
+
+
+#: The hook dictionaries of ``nn.Module`` (forward, forward-pre, with-kwargs, always-called, backward,
+#: state-dict, load-state-dict hooks): every ``OrderedDict`` attribute ``Module()`` starts with.
+_HOOK_DICTS = tuple(
+    name for name, value in vars(nn.Module()).items() if "hook" in name and isinstance(value, dict)
+)
+
+
+def _own_hooks(replica: nn.Module) -> None:
+    """Give the replica copies of its module's hook dictionaries: hooks registered on the root before the
+    step run in the replica too, hooks registered during the step (transformers registers its
+    ``output_hidden_states`` hooks lazily) stay in the replica and die with it."""
+    for name in _HOOK_DICTS:
+        hooks = replica.__dict__.get(name)
+        if hooks is not None:
+            replica.__dict__[name] = type(hooks)(hooks)
 
 
 #: An empty copy of each root metric, made once: cloning the root every step would copy its whole epoch

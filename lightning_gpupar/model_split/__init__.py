@@ -3,11 +3,13 @@
 The layers, each its own module, in the order a split is made:
 
 - :mod:`~.paths`: submodule paths, ``ModuleList`` ranges, walks of the module tree;
-- :mod:`~.plan`: which submodule goes on which device (a map, or ``"auto"``), computed before anything moves;
+- :mod:`~.plan`: which submodule goes on which device (a map, ``"auto"``, or ``"device_map"``: read by
+  :mod:`~.device_map` from a transformers model's ``hf_device_map``), computed before anything moves;
   for ``"auto"``, :mod:`~.auto` walks the tree and partitions it, :mod:`~.memory` counts the training memory,
   :mod:`~.balance` times the stages (``balance="time"``), :mod:`~.table` renders the plan and
   :mod:`~.handoff` hands it to DDP ranks;
-- :mod:`~.hooks`: apply a plan: move the submodules, hook the moves of activations;
+- :mod:`~.hooks`: apply a plan: move the submodules (accelerate's hooks off, quantized weights left alone),
+  hook the moves of activations; :mod:`~.precision`: under mixed precision, each stage's own autocast;
 - :mod:`~.chain_check` and :mod:`~.pipeline`: the GPipe micro-batch schedule over a chain of stages, with
   :mod:`~.batchnorm` (BatchNorm statistics deferred to once per step) and :mod:`~.trace` (the schedule drawn);
 - :mod:`~.split`: :class:`ModelSplit`, the user's options applied to a module and a device list.

@@ -35,8 +35,9 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from lightning_gpupar.dp.batch import BatchSplitError, split_batch
+from lightning_gpupar.dp.batch import BatchSplitError, split_call
 from lightning_gpupar.dp.gather import gather_outputs
+from lightning_gpupar.dp.parallel_apply import StopIterationAsError
 from lightning_gpupar.model_split.batchnorm import DeferredBatchNorms, batch_norms
 from lightning_gpupar.model_split.chain_check import check_stage_chain
 from lightning_gpupar.model_split.errors import PipelineError, PlacementError
@@ -79,6 +80,15 @@ class Partition:
     device: torch.device
     stages: tuple[Callable[..., Any], ...]
     recomputed: tuple[bool, ...]
+    paths: tuple[str, ...] = ()  #: the stages' paths, for messages
+
+    def names(self) -> str:
+        """How messages name the stages: ``blocks.2 (Block), blocks.3 (Block)``."""
+        named = []
+        for k, stage in enumerate(self.stages):
+            module = getattr(stage, "__self__", stage)  # a bound forward: its module
+            named.append(f"{self.paths[k] if k < len(self.paths) else '?'} ({type(module).__name__})")
+        return ", ".join(named)
 
     def segments(self) -> list[tuple[tuple[Callable[..., Any], ...], bool]]:
         """The stages grouped into maximal runs of equal ``recomputed``, in order: (stages, recomputed)."""
@@ -156,7 +166,7 @@ class Pipeline:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            shards, sizes = split_batch((args, kwargs), self.chunks)
+            shards, sizes = split_call(args, kwargs, self.chunks)
         except BatchSplitError as err:
             raise PipelineError(
                 f"chunks={self.chunks}: the pipeline splits every tensor {self.owner_name} receives along "
@@ -164,7 +174,8 @@ class Pipeline:
                 "(docs/pipeline.md)"
             ) from err
         if self.check_first_call is not None:
-            self.check_first_call(*shards[0])
+            with StopIterationAsError(f"the stage chain check of {self.owner_name}"):
+                self.check_first_call(*shards[0])
             self.check_first_call = None
         self.calls += 1
         streams = self.streams
@@ -190,7 +201,8 @@ class Pipeline:
     ) -> tuple[Any, torch.cuda.Event | None]:
         """Run one micro-batch through one partition; returns its output and the event that marks it done."""
         data, ready = self.streams.transfer(data, ready, partition.device)
-        with self.streams.compute(partition.device, data, ready):
+        where = f"pipeline stage {partition.names()} on {partition.device}"
+        with self.streams.compute(partition.device, data, ready), StopIterationAsError(where):
             data = run_partition(partition, data, first)
         return data, self.streams.record(partition.device)
 
@@ -381,10 +393,15 @@ def install_pipeline(
         if partitions and partitions[-1].position == position:
             last = partitions[-1]
             partitions[-1] = Partition(
-                position, last.device, (*last.stages, stage), (*last.recomputed, path in recomputed)
+                position,
+                last.device,
+                (*last.stages, stage),
+                (*last.recomputed, path in recomputed),
+                (*last.paths, path),
             )
         else:
-            partitions.append(Partition(position, plan.devices[position], (stage,), (path in recomputed,)))
+            device = plan.devices[position]
+            partitions.append(Partition(position, device, (stage,), (path in recomputed,), (path,)))
     if norms and chunks > 1 and not deferred_batch_norm:
         warnings.warn(
             f"chunks={chunks} with BatchNorm in the pipelined stages: each micro-batch is normalised on its "

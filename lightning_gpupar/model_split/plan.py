@@ -29,6 +29,7 @@ from torch import nn
 from lightning_gpupar.devices.sizes import format_bytes, parse_bytes
 from lightning_gpupar.model_split import table
 from lightning_gpupar.model_split.balance import by_memory as auto
+from lightning_gpupar.model_split.device_map import DEVICE_MAP, device_map_placement
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge, measure_model
 from lightning_gpupar.model_split.paths import (
@@ -41,6 +42,7 @@ from lightning_gpupar.model_split.paths import (
     module_bytes,
     uncovered,
 )
+from lightning_gpupar.model_split.precision import StagePrecision
 
 Placement = Mapping[str, int] | str | None
 
@@ -109,6 +111,7 @@ class PlacementPlan:
     caps: tuple[float, ...] = ()  # max_memory per position (inf: none)
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # how each part was found
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)  # shared parameter -> its owner
+    precision: tuple[StagePrecision, ...] = ()  # under mixed precision: how each position computes
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module registered twice -> first
 
     @property
@@ -145,7 +148,17 @@ class PlacementPlan:
 
     def table(self, free_bytes: Callable[[torch.device], int | None] | None = None) -> str:
         """The plan as text: one row per submodule, the totals per device, then the memory per device."""
-        return self.entry_table() + "\n\n" + table.memory_table(self, free_bytes)
+        return self.entry_table() + self.precision_lines() + "\n\n" + table.memory_table(self, free_bytes)
+
+    def precision_lines(self) -> str:
+        """Under mixed precision, how each device computes (``""`` otherwise)."""
+        if not self.precision:
+            return ""
+        lines = [
+            f"  {pos} ({device}): {p.describe()}"
+            for pos, (device, p) in enumerate(zip(self.devices, self.precision, strict=True))
+        ]
+        return "\n\nprecision per device:\n" + "\n".join(lines)
 
     def entry_table(self) -> str:
         """One row per submodule, then the parameter totals per device."""
@@ -221,8 +234,10 @@ def plan_placement(
 ) -> PlacementPlan:
     """Plan where each submodule of ``root`` goes, without moving anything.
 
-    ``placement``: a map of submodule paths (ranges allowed) to positions in ``devices``, or ``"auto"``
-    (``None`` means ``"auto"``). Tensors outside the map go to ``default_device`` or are an error.
+    ``placement``: a map of submodule paths (ranges allowed) to positions in ``devices``, ``"auto"``
+    (``None`` means ``"auto"``), or ``"device_map"``: the model's ``hf_device_map``
+    (:mod:`~lightning_gpupar.model_split.device_map`). Tensors outside the map go to ``default_device`` or
+    are an error.
     ``stages``: for ``"auto"``, the ordered units to place, each whole (default: walk the module tree).
     ``output_device``: the position where outputs land (default: the last placed submodule's).
     ``max_memory``: ``{position: "10GiB"}`` caps on the training memory of each position.
@@ -244,10 +259,18 @@ def plan_placement(
     order = auto.execution_order(root, memory)
     if placement is None or placement == "auto":
         entries = _auto(root, devices, stages, caps, no_split, memory, partition or auto.balance_memory)
+    elif placement == DEVICE_MAP:
+        try:
+            entries = _manual(root, devices, device_map_placement(root, devices), default_device)
+            _check_tied(root, entries)
+        except PlacementError as err:
+            if str(err).startswith("placement='device_map'"):
+                raise
+            raise PlacementError(f"placement='device_map' (read from hf_device_map): {err}") from None
     elif isinstance(placement, str):
         raise PlacementError(
-            f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, "
-            "e.g. {model.encoder: 0, model.decoder: 1}."
+            f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, e.g. "
+            "{model.encoder: 0, model.decoder: 1}, or 'device_map' (the model's hf_device_map)."
         )
     else:
         entries = _manual(root, devices, placement, default_device)
@@ -259,7 +282,7 @@ def plan_placement(
         output_device = placed[-1].position if placed else 0
     aliases = module_aliases(root)
     return PlacementPlan(
-        devices, tuple(entries), output_device, tuple(caps), memory.sources, memory.tied, aliases
+        devices, tuple(entries), output_device, tuple(caps), memory.sources, memory.tied, aliases=aliases
     )
 
 
@@ -497,12 +520,55 @@ def _check_tied(root: nn.Module, entries: Sequence[PlacedModule]) -> None:
             where = (join(entry.path, name), entry.position, entry)
             first = seen.setdefault(id(param), where)
             if first[1] != entry.position:
-                together = {e.path: e.position for e in entries if not e.own_only}
-                together[entry.path] = first[1]
+                together = _tie_together(root, entries, param, first[1])
                 raise PlacementError(
                     f"{first[0]} and {where[0]} are the same (tied) parameter, placed on positions "
-                    f"{first[1]} and {where[1]}. Tied parameters must live on one device: place "
+                    f"{first[1]} and {where[1]}. Tied parameters must live on one device, with every "
+                    f"module holding them ({', '.join(_holders(root, entries, param))}): place "
                     f"{entry.path or '(root)'} on position {first[1]} (or {first[2].path or '(root)'} on "
                     f"{where[1]}), e.g. placement={together}; or use placement='auto', which keeps them "
                     "together."
                 )
+
+
+def _holders(root: nn.Module, entries: Sequence[PlacedModule], param: nn.Parameter) -> list[str]:
+    """The paths of the modules that hold ``param`` as their own, in the placed entries."""
+    return [
+        join(entry.path, name.rpartition(".")[0]) if "." in name else entry.path or "(root)"
+        for entry in entries
+        for name, p in root.get_submodule(entry.path).named_parameters(
+            recurse=not entry.own_only, remove_duplicate=False
+        )
+        if p is param
+    ]
+
+
+def _tie_together(
+    root: nn.Module, entries: Sequence[PlacedModule], param: nn.Parameter, position: int
+) -> dict[str, int]:
+    """The user's map with every holder of ``param`` on ``position``. An entry whose own tensors do not
+    include ``param`` (``decoder``, holding ``decoder.embed_tokens``) is replaced by its children, down to the
+    holder, so the rest of it stays where it was placed; otherwise the whole entry moves."""
+    together = {e.path: e.position for e in entries if not e.own_only}
+    holders = _holders(root, entries, param)
+    for entry in entries:
+        inside = [h for h in holders if is_within(h, entry.path)]
+        if entry.own_only or entry.position == position or not inside:
+            continue
+        del together[entry.path]
+        together.update(_expand(root, entry.path, entry.position, inside, position))
+    return together
+
+
+def _expand(root: nn.Module, path: str, position: int, holders: list[str], target: int) -> dict[str, int]:
+    """``path`` placed on ``position`` except ``holders`` (modules inside it) on ``target``: ``path`` split
+    into its children where it holds no tensors of its own."""
+    module = root.get_submodule(path)
+    if path in holders or holds_tensors(module, recurse=False) or not any(module.children()):
+        return {path: target}
+    placed: dict[str, int] = {}
+    for name, _ in module.named_children():
+        child = join(path, name)
+        inside = [h for h in holders if is_within(h, child)]
+        placed.update(_expand(root, child, position, inside, target) if inside else {child: position})
+    return placed

@@ -17,8 +17,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import nn
 
 from lightning_gpupar.model_split.balance.by_time import RunPrecision, plan_by_time
+from lightning_gpupar.model_split.device_map import DEVICE_MAP
 from lightning_gpupar.model_split.errors import PipelineError, PlacementError
 from lightning_gpupar.model_split.hooks import PlacementHandle, apply_placement
+from lightning_gpupar.model_split.one_f_one_b import (
+    StagedPipeline,
+    check_schedule,
+    install_staged,
+    plan_for_schedule,
+)
 from lightning_gpupar.model_split.pipeline import (
     Pipeline,
     PipelineHandle,
@@ -35,6 +42,8 @@ from lightning_gpupar.model_split.plan import (
     plan_placement,
 )
 
+#: The placements named by a word: balanced by us, or read from the model's ``hf_device_map``.
+PLACEMENTS = ("auto", DEVICE_MAP)
 #: What ``placement="auto"`` balances: parameter and buffer bytes, or measured forward + backward times.
 BALANCES = ("memory", "time")
 
@@ -45,6 +54,7 @@ class AppliedSplit:
 
     plan: PlacementPlan
     handles: list[PlacementHandle | PipelineHandle] = field(default_factory=list)
+    staged: StagedPipeline | None = None  #: ``schedule="1f1b"``: the pipeline run one micro-batch at a time
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -77,6 +87,7 @@ class ModelSplit:
     deferred_batch_norm: bool = True
     balance: str = "memory"
     trace: str | None = None
+    schedule: str = "gpipe"
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -89,11 +100,14 @@ class ModelSplit:
         return cls(**{name: options[name] for name in cls.option_names() if name in options})
 
     def __post_init__(self) -> None:
+        check_schedule(self.schedule)
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise PlacementError(f"chunks={self.chunks!r}: the number of micro-batches must be an int >= 1.")
-        if not (self.placement is None or isinstance(self.placement, str | Mapping)):
+        placement = self.placement
+        if not (placement is None or placement in PLACEMENTS or isinstance(placement, Mapping)):
             raise PlacementError(
-                f"placement={self.placement!r}: write 'auto' or a map of submodule paths to device positions."
+                f"placement={placement!r}: write 'auto' or a map of submodule paths to device positions, or "
+                "'device_map' (the model's hf_device_map)."
             )
         if self.balance not in BALANCES:
             raise PlacementError(
@@ -117,7 +131,7 @@ class ModelSplit:
 
     def positions_used(self) -> set[int]:
         """The positions a placement map names (empty for ``"auto"``), plus the declared defaults."""
-        named = set() if self.is_auto else {int(v) for v in dict(self.placement).values()}  # type: ignore[arg-type]
+        named = {int(v) for v in self.placement.values()} if isinstance(self.placement, Mapping) else set()
         return named | {p for p in (self.default_device, self.output_device) if p is not None}
 
     def plan(
@@ -129,7 +143,8 @@ class ModelSplit:
         precision: RunPrecision | None = None,
     ) -> PlacementPlan:
         """Where each submodule of ``module`` goes on ``devices``; computed without allocating (but for
-        ``balance="time"``, which runs the stages).
+        ``balance="time"``, which runs the stages). Activations count what the schedule holds: all ``chunks``
+        micro-batches per stage (GPipe), or ``K - i`` (1F1B).
 
         ``optimizer`` and ``example_input`` make the training-memory estimate exact (see
         :func:`~lightning_gpupar.model_split.plan.plan_placement`); ``precision``: the run's, in which
@@ -139,7 +154,7 @@ class ModelSplit:
             stages = infer_stages(module, self.no_split)  # keep each stage whole for the pipeline
         if self.balance == "time" and self.is_auto:
             chain = stages if stages is not None else infer_stages(module, self.no_split)
-            return plan_by_time(
+            timed = plan_by_time(
                 module,
                 devices,
                 chain,
@@ -148,7 +163,8 @@ class ModelSplit:
                 max_memory=self.max_memory,
                 precision=precision,
             )
-        return plan_placement(
+            return plan_for_schedule(timed, self.schedule, self.chunks)
+        placed = plan_placement(
             module,
             devices,
             self.placement,
@@ -160,19 +176,26 @@ class ModelSplit:
             optimizer=optimizer,
             example_input=example_input,
         )
+        return plan_for_schedule(placed, self.schedule, self.chunks)  # activations as the schedule holds them
 
     def pipeline_stages_declared(self) -> list[str] | None:
-        """The stage sequence as declared (``stages``, else the map's keys in order); ``None``: inferred."""
+        """The stage sequence as declared (``stages``, else the map's keys in order); ``None``: inferred
+        (or, for ``"device_map"``, read from the plan)."""
         if self.stages is not None:
             return list(self.stages)
         if isinstance(self.placement, Mapping):
             return [str(key) for key in self.placement]
         return None
 
-    def pipeline_stages(self, module: nn.Module) -> list[str]:
-        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, or inferred."""
+    def pipeline_stages(self, module: nn.Module, plan: PlacementPlan | None = None) -> list[str]:
+        """The stage sequence ``chunks > 1`` pipelines: declared, the map's keys in order, the device map's
+        entries in execution order (from ``plan``), or inferred."""
         declared = self.pipeline_stages_declared()
-        return declared if declared is not None else infer_stages(module, self.no_split)
+        if declared is not None:
+            return declared
+        if self.placement == DEVICE_MAP and plan is not None:
+            return [e.path for e in plan.entries if e.source == "map" and not e.own_only]
+        return infer_stages(module, self.no_split)
 
     def apply(
         self,
@@ -202,7 +225,8 @@ class ModelSplit:
                 "nothing is traced. Use chunks > 1, or torch.profiler for an unpipelined split.",
                 category=UserWarning,
             )
-        if self.chunks == 1 and recomputed_stages(module, self.pipeline_stages(module), self.checkpoint):
+        stages = self.pipeline_stages(module, plan)
+        if self.chunks == 1 and recomputed_stages(module, stages, self.checkpoint):
             rank_zero_warn(  # the names are checked all the same: a typo fails now, not once chunks grows
                 f"checkpoint={self.checkpoint!r} recomputes pipeline stages in backward, but chunks=1 runs "
                 "no pipeline: it has no effect. Use chunks > 1, or torch.utils.checkpoint in the model.",
@@ -211,12 +235,12 @@ class ModelSplit:
         first = getattr(rank_zero_only, "rank", 0) == 0  # ddp_split: one process writes the trace
         trace = self.trace if first else None
         if self.chunks > 1:
-            stages = self.pipeline_stages(module)
-            applied.handles.append(
-                install_pipeline(
-                    module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
-                )
+            handle = install_pipeline(
+                module, plan, stages, self.chunks, self.checkpoint, self.deferred_batch_norm, trace
             )
+            applied.handles.append(handle)
+            if self.schedule == "1f1b":
+                applied.staged = install_staged(handle)
         return applied
 
     def check_batch_size(self, batch_size: int | None) -> None:

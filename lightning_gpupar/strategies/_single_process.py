@@ -12,9 +12,19 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gpupar.devices.agreement import check_strategy_devices
+
 
 class SingleProcessStrategy(ParallelStrategy):
     """A ``ParallelStrategy`` over ``parallel_devices`` driven from one process."""
+
+    @override
+    def setup_environment(self) -> None:
+        """Refuse ``parallel_devices`` that the Trainer's ``devices`` contradicts, before any step."""
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        check_strategy_devices(trainer, type(self).__name__, self.parallel_devices)
+        super().setup_environment()
 
     @property
     @override

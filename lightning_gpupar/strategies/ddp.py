@@ -33,6 +33,8 @@ from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
 from lightning_gpupar.ddp import signals
 from lightning_gpupar.ddp.checks import check_backend, check_launch_environment, check_timeout
 from lightning_gpupar.ddp.launcher import DDPLaunchError, HydraAwareScriptLauncher
+from lightning_gpupar.ddp.rendezvous import check_rendezvous
+from lightning_gpupar.devices.agreement import check_strategy_devices
 from lightning_gpupar.model_split import ModelSplit
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
     @override
     def setup_environment(self) -> None:
         """Check this process's devices exist on this node, then create the process group."""
+        module = self.lightning_module  # start methods other than popen: the launcher did not check
+        check_strategy_devices(module._trainer if module else None, type(self).__name__, self.node_devices)
         self._check_process_devices()
         super().setup_environment()
         log.info(
@@ -146,6 +150,16 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
             self.local_rank,
             self.process_group_backend,
         )
+
+    @override
+    def setup_distributed(self) -> None:
+        """Check the node rank and ``MASTER_ADDR`` in seconds (:mod:`lightning_gpupar.ddp.rendezvous`),
+        then rendezvous as Lightning does."""
+        self.set_world_ranks()
+        assert self.cluster_environment is not None
+        timeout = self._timeout.total_seconds() if self._timeout is not None else None
+        check_rendezvous(self.cluster_environment, self.num_nodes, self.global_rank, timeout)
+        super().setup_distributed()
 
     def _check_process_devices(self) -> None:
         """Every device this process trains on (its whole group under ``ddp_split``) exists here."""

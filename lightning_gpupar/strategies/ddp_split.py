@@ -14,7 +14,8 @@ group); the launching process plans rank 0's placement before any other process 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,6 +36,7 @@ from lightning_gpupar.model_split.handoff import (
 )
 from lightning_gpupar.strategies.ddp import DDPStrategy
 from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin, planning_inputs
+from lightning_gpupar.strategies.split_schedule import all_reduce_gradients
 
 
 class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
@@ -207,6 +209,19 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
             torch.distributed.barrier(device_ids=[self.root_device.index])
         else:
             torch.distributed.barrier()
+
+    @override
+    @contextmanager
+    def gradient_sync_blocked(self) -> Iterator[None]:
+        """1F1B interleaves several micro-batches' backwards: DDP's reducer stays out of them, and
+        :meth:`after_scheduled_backward` averages the accumulated gradients once."""
+        with self.block_backward_sync():
+            yield
+
+    @override
+    def after_scheduled_backward(self) -> None:
+        assert self.lightning_module is not None
+        all_reduce_gradients(self.lightning_module)
 
     def _check_group_positions(self, k: int) -> None:
         """Positions are relative to a process's group: one >= k would cross into another process."""

@@ -49,9 +49,9 @@ from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
 from lightning_gpupar.checkpoint import CanonicalCheckpointMixin
-from lightning_gpupar.dp.batch import split_batch
+from lightning_gpupar.dp.batch import split_batch, split_call
 from lightning_gpupar.dp.gather import gather_outputs
-from lightning_gpupar.dp.parallel_apply import on_device, run_parallel
+from lightning_gpupar.dp.parallel_apply import StopIterationAsError, on_device, run_parallel
 from lightning_gpupar.dp.replica_results import (
     LogRecorder,
     logged_metric_ids,
@@ -197,8 +197,8 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
         dataloader_idx = kwargs.get("dataloader_idx", args[1] if len(args) > 1 else 0)
         replicas = replicate(root, devices)
         shards = [
-            _transfer_shard(root, replica, s, d, dataloader_idx)
-            for replica, s, d in zip(replicas, shards, devices, strict=True)
+            _transfer_shard(root, replica, i, s, d, dataloader_idx)
+            for i, (replica, s, d) in enumerate(zip(replicas, shards, devices, strict=True))
         ]
 
         recorders = [LogRecorder() for _ in replicas]
@@ -226,7 +226,7 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
     @contextmanager
     def _parallel_forward(self, root: LightningModule) -> Iterator[None]:
         def forward(*inputs: Any, **kw: Any) -> Any:
-            shards, sizes = split_batch((inputs, kw), len(self.devices))
+            shards, sizes = split_call(inputs, kw, len(self.devices))
             devices = self.devices[: len(shards)]
             replicas = replicate(root, devices)
             for replica in replicas:
@@ -245,7 +245,12 @@ class DataParallelStrategy(CanonicalCheckpointMixin, SingleProcessStrategy):
 
 
 def _transfer_shard(
-    root: LightningModule, replica: LightningModule, shard: Any, device: torch.device, dataloader_idx: int
+    root: LightningModule,
+    replica: LightningModule,
+    index: int,
+    shard: Any,
+    device: torch.device,
+    dataloader_idx: int,
 ) -> Any:
     """Lightning's ``_apply_batch_transfer_handler`` for one shard, run on the shard's device: with
     ``device`` current, and the LightningModule's hooks called on the shard's replica, whose
@@ -259,8 +264,10 @@ def _transfer_shard(
         return getattr(replica if isinstance(owner, LightningModule) else owner, name)
 
     with on_device(device):
-        shard = hook("transfer_batch_to_device")(shard, device, dataloader_idx)
-        return hook("on_after_batch_transfer")(shard, dataloader_idx)
+        with StopIterationAsError(f"transfer_batch_to_device for data-parallel replica {index} on {device}"):
+            shard = hook("transfer_batch_to_device")(shard, device, dataloader_idx)
+        with StopIterationAsError(f"on_after_batch_transfer for data-parallel replica {index} on {device}"):
+            return hook("on_after_batch_transfer")(shard, dataloader_idx)
 
 
 def _call_on_device(

@@ -12,6 +12,7 @@ Trainer's devices for ``model_split``, a process's own group for ``ddp_split``);
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -27,6 +29,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gpupar.model_split import AppliedSplit, ModelSplit, PlacementError, PlacementPlan
+from lightning_gpupar.model_split.precision import stage_autocast, stage_precisions
+from lightning_gpupar.strategies.split_schedule import check_one_f_one_b, one_f_one_b_step
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy as _StrategyBase
@@ -65,6 +69,8 @@ class SplitStrategyMixin(_StrategyBase):
     split: ModelSplit
     applied: AppliedSplit | None = None
     _pipeline_use_checked: bool = False
+    #: ``schedule="1f1b"``: the gradients this step's ``training_step`` computed, added in :meth:`backward`
+    _step_grads: list[tuple[torch.nn.Parameter, Tensor | None]] | None = None
 
     @property
     def split_devices(self) -> list[torch.device]:
@@ -117,9 +123,33 @@ class SplitStrategyMixin(_StrategyBase):
         """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
         assert self.model is not None
         self._unplace()
-        self.applied = self.split.apply(
-            self.model, self.split_devices, self.split_title, plan=self.make_plan()
-        )
+        plan = self.make_plan()
+        mixed = self.precision_plugin
+        if isinstance(mixed, MixedPrecision):
+            dtype = torch.bfloat16 if mixed.precision == "bf16-mixed" else torch.float16
+            plan = dataclasses.replace(plan, precision=stage_precisions(plan.devices, mixed.device, dtype))
+        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=plan)
+
+    @contextmanager
+    def _stage_autocast(self) -> Iterator[None]:
+        """Each stage's own autocast, for device types Lightning's does not cover (a CPU stage by GPUs)."""
+        with stage_autocast(self.applied.plan.precision if self.applied is not None else ()):
+            yield
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._stage_autocast():
+            return super().predict_step(*args, **kwargs)
 
     def make_plan(self) -> PlacementPlan:
         """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input, in
@@ -148,15 +178,22 @@ class SplitStrategyMixin(_StrategyBase):
         module = self.lightning_module
         loader = module.trainer.train_dataloader if module is not None else None
         self.split.check_batch_size(getattr(loader, "batch_size", None))
+        if module is not None and self.split.schedule == "1f1b":
+            check_one_f_one_b(module)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The LightningModule's step; after the first one, warn if ``chunks > 1`` had no effect."""
+        staged = self.applied.staged if self.applied is not None else None
+        if staged is not None and torch.is_grad_enabled():
+            return self._scheduled_training_step(staged, args, kwargs)
         if self._pipeline_use_checked:
-            return super().training_step(*args, **kwargs)
+            with self._stage_autocast():
+                return super().training_step(*args, **kwargs)
         pipeline = self.applied.pipeline if self.applied is not None else None
         calls = pipeline.calls if pipeline is not None else 0
-        output = super().training_step(*args, **kwargs)
+        with self._stage_autocast():
+            output = super().training_step(*args, **kwargs)
         if pipeline is not None:
             self._pipeline_use_checked = True
             if pipeline.calls == calls:
@@ -168,6 +205,64 @@ class SplitStrategyMixin(_StrategyBase):
                     category=UserWarning,
                 )
         return output
+
+    def _scheduled_training_step(self, staged: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """``schedule="1f1b"``: forward and backward of every micro-batch (:mod:`.split_schedule`)."""
+        module = self.lightning_module
+        assert module is not None
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        training_step = super().training_step
+
+        def step(*step_args: Any, **step_kwargs: Any) -> Any:
+            with self._stage_autocast():
+                return training_step(*step_args, **step_kwargs)
+
+        # Lightning zeroes gradients between training_step and backward: this step's gradients are kept
+        # aside and added in backward(), so zero_grad and accumulation act on them as usual
+        params = [p for p in module.parameters() if p.requires_grad]
+        held = [p.grad for p in params]
+        for param in params:
+            param.grad = None
+        try:
+            with self.gradient_sync_blocked():
+                loss = one_f_one_b_step(
+                    module, staged, self.split.chunks, step, args, kwargs, scaler.scale if scaler else None
+                )
+            self.after_scheduled_backward()
+            self._step_grads = [(p, p.grad) for p in params]
+        finally:
+            for param, grad in zip(params, held, strict=True):
+                param.grad = grad
+        return loss
+
+    @contextmanager
+    def gradient_sync_blocked(self) -> Iterator[None]:
+        """Around a 1F1B step: no gradient synchronisation (``ddp_split`` blocks DDP's reducer)."""
+        yield
+
+    def after_scheduled_backward(self) -> None:
+        """After a 1F1B step's backward (``ddp_split`` averages the gradients over processes here)."""
+
+    @override
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        """After a 1F1B step the backward already ran: the hooks run once with the step's mean loss, and
+        the step's gradients are added to ``.grad`` between ``on_before_backward`` and
+        ``on_after_backward``, where a backward would add them."""
+        if self._step_grads is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        step_grads, self._step_grads = self._step_grads, None
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        self.precision_plugin.pre_backward(closure_loss, module)
+        for param, grad in step_grads:
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     @override
     def teardown(self) -> None:

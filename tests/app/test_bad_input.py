@@ -94,7 +94,10 @@ APP_ROWS: list[Any] = [
         ConfigValueError,
         "not one of the chosen",
     ),
-    ([*DDP, "strategy.timeout=0"], {}, (), InstantiationException, "must be a number > 0"),
+    ([*DDP, "strategy.timeout=0"], {}, (), InstantiationException, "from 1 to 86400 (a day)"),
+    ([*DDP, "strategy.timeout=0.001"], {}, (), InstantiationException, "timeout=0.001 (strategy.timeout)"),
+    ([*DDP, "strategy.timeout=inf"], {}, (), InstantiationException, "timeout=inf (strategy.timeout)"),
+    ([*DDP, "strategy.timeout=172800"], {}, (), InstantiationException, "timeout=172800.0 (strategy"),
     pytest.param(
         [*DDP, "strategy.process_group_backend=mpi"],
         {},
@@ -301,7 +304,7 @@ def test_app_input(
 
 # -- Python API: (id, call, environment, exception type, phrase) ----------------------------------------
 
-DP, DDPS, SPLIT = DataParallelStrategy, DDPStrategy, ModelSplitStrategy
+DP, DDPS, SPLIT, DDPSplit = DataParallelStrategy, DDPStrategy, ModelSplitStrategy, DDPSplitStrategy
 
 
 def _wrong(value: object) -> Any:
@@ -309,7 +312,61 @@ def _wrong(value: object) -> Any:
     return value
 
 
+CPU = torch.device("cpu")
+
+
+def _fit_on(devices: int | list[int], strategy: pl.strategies.Strategy, accelerator: str = "cpu") -> None:
+    """Fit a tiny model: a refusal must come before the first step."""
+    from tests.helpers.equivalence import TinyNet, make_data
+
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TinyNet(), DataLoader(make_data(), batch_size=8))
+    raise AssertionError(f"trained {trainer.global_step} step(s) on {trainer.strategy.root_device}")
+
+
+#: A strategy given parallel_devices and a Trainer(devices=...) that asks for others (1 on the CPU is
+#: what devices="auto" means there, so it cannot be told from the default and is accepted: see
+#: tests/devices/test_devices_agree.py).
+DEVICES_DISAGREE = "the strategy's list would win without a word"
+
 API_ROWS: list[Any] = [
+    (
+        "dp parallel_devices=[cpu]*3 devices=2",
+        lambda: _fit_on(2, DP(parallel_devices=[CPU] * 3)),
+        {},
+        DeviceSelectionError,
+        "Trainer(devices=2) asks for 2 device(s) (cpu, cpu), but DataParallelStrategy(parallel_devices=...)",
+    ),
+    (
+        "model_split parallel_devices=[cpu]*2 devices=3",
+        lambda: _fit_on(3, SPLIT(parallel_devices=[CPU] * 2)),
+        {},
+        DeviceSelectionError,
+        DEVICES_DISAGREE,
+    ),
+    (
+        "ddp parallel_devices=[cpu]*2 devices=3",
+        lambda: _fit_on(3, DDPS(parallel_devices=[CPU] * 2)),
+        {},
+        DeviceSelectionError,
+        "DDPStrategy(parallel_devices=...) was given 2 (cpu, cpu)",
+    ),
+    (
+        "ddp_split parallel_devices=[cpu]*4 devices=2",
+        lambda: _fit_on(2, DDPSplit(parallel_devices=[CPU] * 4)),
+        {},
+        DeviceSelectionError,
+        "DDPSplitStrategy(parallel_devices=...) was given 4",
+    ),
     ("dp output_device=banana", lambda: DP(output_device="banana"), {}, ValueError, "output_device='banana'"),
     # max_memory is checked when the strategy is built (its range once the devices are known)
     ("split max_memory -5", lambda: SPLIT(max_memory={0: -5}), {}, PlacementError, "not a positive size"),
@@ -332,7 +389,18 @@ API_ROWS: list[Any] = [
     ("dp output_device=-1", lambda: DP(output_device=-1), {}, ValueError, "a CUDA index >= 0"),
     ("dp output_device=True", lambda: DP(output_device=True), {}, ValueError, "output_device=True"),
     ("ddp timeout=-1", lambda: DDPS(timeout=-1), {}, DDPConfigError, "timeout=-1"),
-    ("ddp timeout=0s", lambda: DDPS(timeout=timedelta(0)), {}, DDPConfigError, "must be a number > 0"),
+    ("ddp timeout=0s", lambda: DDPS(timeout=timedelta(0)), {}, DDPConfigError, "from 1 to 86400"),
+    (
+        "ddp timeout=0.001",
+        lambda: DDPS(timeout=0.001),
+        {},
+        DDPConfigError,
+        "timeout=0.001 (strategy.timeout)",
+    ),
+    ("ddp timeout=inf", lambda: DDPS(timeout=float("inf")), {}, DDPConfigError, "timeout=inf (strategy"),
+    ("ddp timeout=nan", lambda: DDPS(timeout=float("nan")), {}, DDPConfigError, "timeout=nan (strategy"),
+    ("ddp timeout=2 days", lambda: DDPS(timeout=timedelta(days=2)), {}, DDPConfigError, "(a day)"),
+    ("ddp_split timeout=inf", lambda: DDPSplit(timeout=float("inf")), {}, DDPConfigError, "timeout=inf"),
     ("ddp timeout=soon", lambda: DDPS(timeout=_wrong("soon")), {}, DDPConfigError, "timeout='soon'"),
     (
         "ddp backend=banana",
@@ -439,7 +507,7 @@ CLI_ROWS: list[Any] = [
     (ckpt.main, ["export", "{ckpt}", "{file}/net.pt"], 1, "is a file, not a folder"),
     (
         ckpt.main,
-        ["export", "{ckpt}", "{file}/sub/net.pt", "--format", "safetensors"],
+        ["export", "{ckpt}", "{file}/sub/net.safetensors"],
         1,
         "is a file, not a folder",
     ),
@@ -448,6 +516,17 @@ CLI_ROWS: list[Any] = [
     (ckpt.main, ["inspect", "{pickle}"], 1, "in neither of torch.save's formats"),
     (ckpt.main, ["export", "{pickle}", "{dir}/out.pt"], 1, "in neither of torch.save's formats"),
     (ckpt.main, ["inspect", "{random}"], 1, "not a readable PyTorch checkpoint"),
+    (ckpt.main, ["inspect", "{truncated}"], 1, "is truncated: it starts as a checkpoint in torch.save's zip"),
+    (ckpt.main, ["export", "{truncated}", "{dir}/out.pt"], 1, "is truncated"),
+    (ckpt.main, ["inspect", "{empty}"], 1, "is empty (0 bytes)"),
+    (ckpt.main, ["inspect", "/dev/null"], 1, "is a character device (a terminal, /dev/null...)"),
+    (
+        ckpt.main,
+        ["export", "{ckpt}", "{dir}/net.safetensors", "--format", "pt"],
+        2,
+        "--format pt contradicts OUT 'net.safetensors'",
+    ),
+    (ckpt.main, ["export", "{ckpt}", "{dir}/net.pt", "--format", "safetensors"], 2, "names pt"),
     (ckpt.main, ["inspect", "{file}"], 1, "not a readable PyTorch checkpoint"),
     (ckpt.main, ["inspect", "{custom}"], 1, "--unsafe-unpickle"),  # a torch file that needs it: offered
     (ckpt.main, ["export", "{ckpt}", "{ckpt}", "--force"], 1, "is the input checkpoint"),
@@ -465,14 +544,18 @@ CLI_ROWS: list[Any] = [
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, str]:
-    """A checkpoint, a plain pickle, random bytes, a regular file, a folder, one needing unpickling."""
+    """A checkpoint, a plain pickle, random bytes, a regular file, a folder, one needing unpickling, a
+    checkpoint cut short, an empty file."""
     torch.save({"state_dict": {"model.w": torch.ones(2)}, "epoch": 0}, tmp_path / "run.ckpt")
     with (tmp_path / "plain.pkl").open("wb") as f:  # protocol 2, as old tools write: globals up front
         pickle.dump(argparse.Namespace(state_dict={"w": [1.0]}), f, protocol=2)
     (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(4096))
     (tmp_path / "notes.txt").write_text("not a folder\n")
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "custom.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "run.ckpt").read_bytes()[:600])  # a copy cut short
+    (tmp_path / "empty.ckpt").write_bytes(b"")
     names = {"ckpt": "run.ckpt", "pickle": "plain.pkl", "random": "random.bin", "file": "notes.txt"}
+    names |= {"truncated": "cut.ckpt", "empty": "empty.ckpt"}
     return {
         **{key: str(tmp_path / name) for key, name in names.items()},
         "dir": str(tmp_path),
@@ -518,6 +601,13 @@ SUBPROCESS_ROWS: list[Any] = [
     (["model=mlp", "data=tokens"], {}, "model=mlp reads flat 64-feature digits"),
     ([*DDP], {"MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a TCP port"),
     (["hydra.run.dir={file}/run"], {}, "is a file, not a folder"),
+    # launch variables that made ddp wait strategy.timeout (30 minutes) at the rendezvous
+    ([*DDP], {"NODE_RANK": "1"}, "NODE_RANK=1 (LightningEnvironment), but trainer.num_nodes=1"),
+    (
+        [*DDP, "trainer.num_nodes=2"],
+        {"NODE_RANK": "1", "MASTER_ADDR": "node-0.gpupar.invalid"},
+        "MASTER_ADDR='node-0.gpupar.invalid' does not resolve to an address",
+    ),
 ]
 
 

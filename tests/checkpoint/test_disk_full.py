@@ -156,3 +156,27 @@ def test_a_torch_save_failing_on_a_full_disk_is_reported_not_as_torch_words(
         atomic_write(previous, save)
     assert isinstance(info.value.__cause__, RuntimeError)  # what torch raised, kept as the cause
     _kept(previous)
+
+
+def _full_disk(file: Any) -> None:
+    file.write(b"x" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_first_save_that_fails_mentions_no_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    with pytest.raises(CheckpointSaveError) as info:
+        atomic_write(target, _full_disk)
+    message = str(info.value)
+    assert "previous" not in message, message
+    assert "No file is left at 'last.ckpt' (none was there before)" in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_over_a_file_says_it_is_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"old")
+    with pytest.raises(CheckpointSaveError) as info:
+        atomic_write(target, _full_disk)
+    assert "The previous 'last.ckpt' is untouched and no temporary file is left" in str(info.value)
+    assert target.read_bytes() == b"old"

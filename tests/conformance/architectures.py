@@ -2,10 +2,12 @@
 
 Each is a :class:`~tests.helpers.conformance.Case`: the network, a batch of ``n`` samples, a per-sample
 mean loss, and an explicit two-device ``model_split`` placement. From ``transformers``: GPT-2 (``lm_head``
-tied to the input embedding), BERT for sequence classification, Llama; eager attention, dropout 0, two
-layers of width 32. From torch: ``nn.TransformerEncoder``, ``nn.MultiheadAttention``, ``nn.LSTM``, a
-ResNet-style block (``bias=False`` convs, BatchNorm), weight-norm and spectral-norm layers, an
-``nn.Embedding`` with ``padding_idx``, and a module whose output projection is tied to its embedding.
+tied to the input embedding), BERT for sequence classification, Llama; and, marked slow: T5
+(encoder-decoder, embedding tied four ways), Mixtral (mixture of experts), ViT (vision), Whisper (speech,
+``proj_out`` tied to the decoder's embedding); eager attention, dropout 0, two layers of width 32.
+From torch: ``nn.TransformerEncoder``, ``nn.MultiheadAttention``, ``nn.LSTM``, a ResNet-style block
+(``bias=False`` convs, BatchNorm), weight-norm and spectral-norm layers, an ``nn.Embedding`` with
+``padding_idx``, and a module whose output projection is tied to its embedding.
 """
 
 from __future__ import annotations
@@ -53,6 +55,47 @@ def images(n: int, g: torch.Generator) -> Batch:
 def features(n: int, g: torch.Generator) -> Batch:
     x = torch.randn(n, 5, generator=g, dtype=torch.float64)
     return {"x": x, "y": torch.randint(0, CLASSES, (n,), generator=g)}
+
+
+TARGET = 5  #: decoder tokens per sample (teacher forcing: 4 inputs, 4 labels)
+
+
+def source_and_target(n: int, g: torch.Generator) -> Batch:
+    return {
+        "tokens": torch.randint(1, VOCAB, (n, LENGTH), generator=g),
+        "target": torch.randint(1, VOCAB, (n, TARGET), generator=g),
+    }
+
+
+def audio_and_target(n: int, g: torch.Generator) -> Batch:
+    """8 mel bins x 16 frames (Whisper's 2 x max_source_positions) per sample."""
+    features = torch.randn(n, 8, 16, generator=g, dtype=torch.float64)
+    return {"features": features, "target": torch.randint(1, VOCAB, (n, TARGET), generator=g)}
+
+
+def pixels(n: int, g: torch.Generator) -> Batch:
+    x = torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)
+    return {"x": x, "y": torch.randint(0, CLASSES, (n,), generator=g)}
+
+
+def target_loss(logits: Tensor, batch: Batch) -> Tensor:
+    """Mean over every sample's ``TARGET - 1`` predicted decoder tokens (computed here in float64:
+    transformers' own loss casts logits to float32)."""
+    return F.cross_entropy(logits.flatten(0, 1), batch["target"][:, 1:].flatten())
+
+
+def seq2seq(model: nn.Module, batch: Batch) -> Tensor:
+    out = model(input_ids=batch["tokens"], decoder_input_ids=batch["target"][:, :-1])
+    return target_loss(out.logits, batch)
+
+
+def speech_to_text(model: nn.Module, batch: Batch) -> Tensor:
+    out = model(input_features=batch["features"], decoder_input_ids=batch["target"][:, :-1])
+    return target_loss(out.logits, batch)
+
+
+def image_classifier(model: nn.Module, batch: Batch) -> Tensor:
+    return F.cross_entropy(model(pixel_values=batch["x"]).logits, batch["y"])
 
 
 def next_token_loss(logits: Tensor, batch: Batch) -> Tensor:
@@ -136,6 +179,87 @@ def llama() -> nn.Module:
         **TINY,
     )
     return LlamaForCausalLM(config)
+
+
+def t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=WIDTH,
+        d_kv=WIDTH // 2,
+        d_ff=2 * WIDTH,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        tie_word_embeddings=True,
+        **TINY,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=16,
+        experts_implementation="eager",  # the grouped-matmul kernel takes no float64
+        **TINY,
+    )
+    return MixtralForCausalLM(config)
+
+
+def vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * WIDTH,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=CLASSES,
+        attn_implementation="eager",
+    )
+    return ViTForImageClassification(config)
+
+
+def whisper() -> nn.Module:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=VOCAB,
+        num_mel_bins=8,
+        d_model=WIDTH,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=2 * WIDTH,
+        decoder_ffn_dim=2 * WIDTH,
+        max_source_positions=8,
+        max_target_positions=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        decoder_start_token_id=1,
+        **TINY,
+    )
+    return WhisperForConditionalGeneration(config)
 
 
 # -- torch --------------------------------------------------------------------------------------------------
@@ -272,6 +396,58 @@ CASES = [
             "model.model.norm": 1,
             "model.lm_head": 1,
         },
+    ),
+    Case(
+        "t5",
+        t5,
+        source_and_target,
+        seq2seq,
+        {  # every holder of the tied embedding on position 0 (the split refusal's suggestion)
+            "model.shared": 0,
+            "model.encoder": 0,
+            "model.decoder.embed_tokens": 0,
+            "model.decoder.block": 1,
+            "model.decoder.final_layer_norm": 1,
+            "model.lm_head": 0,
+        },
+        slow=True,
+    ),
+    Case(
+        "mixtral",
+        mixtral,
+        tokens,
+        causal_lm,
+        {
+            "model.model.embed_tokens": 0,
+            "model.model.rotary_emb": 0,
+            "model.model.layers.0": 0,
+            "model.model.layers.1": 1,
+            "model.model.norm": 1,
+            "model.lm_head": 1,
+        },
+        slow=True,
+    ),
+    Case(
+        "vit",
+        vit,
+        pixels,
+        image_classifier,
+        {
+            "model.vit.embeddings": 0,
+            "model.vit.layers.0": 0,
+            "model.vit.layers.1": 1,
+            "model.vit.layernorm": 1,
+            "model.classifier": 1,
+        },
+        slow=True,
+    ),
+    Case(
+        "whisper",
+        whisper,
+        audio_and_target,
+        speech_to_text,
+        {"model.model.encoder": 0, "model.model.decoder": 1, "model.proj_out": 1},  # proj_out: tied
+        slow=True,
     ),
     Case("transformer_encoder", transformer_encoder, labelled_tokens, classify_tokens, SPLIT, chain=True),
     Case("multihead_attention", multihead_attention, sequences, classify, SPLIT, chain=True),

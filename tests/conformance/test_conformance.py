@@ -26,7 +26,7 @@ from tests.helpers.conformance import Case, assert_same_state, assert_same_train
 
 def cases(chains_only: bool = False) -> list[Any]:
     chosen = [c for c in CASES if c.chain or not chains_only]
-    return [pytest.param(c, id=c.name) for c in chosen]
+    return [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in chosen]
 
 
 @pytest.mark.parametrize("replicas", [2, 3])

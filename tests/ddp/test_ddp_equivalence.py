@@ -46,11 +46,15 @@ def single_device_reference() -> tuple[torch.Tensor, dict[str, torch.Tensor], di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "ddp_split"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp_split", "ddp_split_1f1b"])
 def test_two_processes_match_one_device(tmp_path: Path, mode: str) -> None:
-    """ddp: one device per process; ddp_split: 2 devices per process, 2 stages, 2 micro-batches."""
+    """ddp: one device per process; ddp_split: 2 devices per process, 2 stages, 2 micro-batches;
+    ddp_split_1f1b: the same under schedule="1f1b" with 3 uneven micro-batches (2, 1, 1)."""
+    chunks = 3 if mode == "ddp_split_1f1b" else 2
     finished = run_bounded(
-        python("equivalence.py", str(tmp_path), str(STEPS), str(PER_RANK_BATCH), mode),
+        python(
+            "equivalence.py", str(tmp_path), str(STEPS), str(PER_RANK_BATCH), mode, "cpu", "2", str(chunks)
+        ),
         timeout=150,
         cwd=tmp_path,
     )
@@ -58,10 +62,11 @@ def test_two_processes_match_one_device(tmp_path: Path, mode: str) -> None:
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     ref_loss, ref_grads, ref_weights = single_device_reference()
 
-    if mode == "ddp_split":
+    if mode.startswith("ddp_split"):
+        sizes = [len(part) for part in torch.arange(PER_RANK_BATCH).tensor_split(chunks)]
         for rank in ranks:
             assert rank["positions"] == {"net.0": 0, "net.2": 1}
-            assert rank["microbatch_sizes"] == [PER_RANK_BATCH // 2] * (2 * STEPS)
+            assert rank["microbatch_sizes"] == sizes * STEPS
     # each rank saw half of the global batch: the mean of their losses is the global loss
     assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])
     torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, ref_loss, rtol=RTOL, atol=ATOL)

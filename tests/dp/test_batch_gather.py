@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_gpupar.dp.batch import BatchSplitError, describe, shard_sizes, split_batch
+from lightning_gpupar.dp.batch import (
+    AMBIGUOUS,
+    PER_SAMPLE,
+    RECORD,
+    BatchSplitError,
+    describe,
+    sequence_role,
+    shard_sizes,
+    split_batch,
+)
 from lightning_gpupar.dp.gather import GatherError, gather_outputs
 
 Pair = namedtuple("Pair", ["inputs", "targets"])
@@ -147,8 +156,14 @@ def test_a_loss_beside_logits_is_a_record_whatever_the_shard_sizes(sizes: list[i
     assert logits.shape == (sum(sizes), 3)
 
 
-def test_a_list_of_numbers_is_a_record_even_with_one_number_per_sample() -> None:
-    assert gather_outputs([[1.0, 3.0], [3.0, 5.0]], [2, 2], torch.device("cpu")) == [2.0, 4.0]
+def test_a_list_of_numbers_as_long_as_every_shard_is_refused_as_ambiguous() -> None:
+    """``preds.tolist()`` (one number per sample) or a record of numbers? Averaging per-sample predictions
+    would be silently wrong, so it is refused (issue 20; before, it was averaged item by item)."""
+    with pytest.raises(GatherError, match=r"Cannot tell whether the sequences at output hold one item per"):
+        gather_outputs([[1.0, 3.0], [3.0, 5.0]], [2, 2], torch.device("cpu"))
+    record = gather_outputs([[1.0, 3.0], [5.0, 7.0]], [3, 2], torch.device("cpu"))  # weighted means
+    assert record == pytest.approx([(3 * 1.0 + 2 * 5.0) / 5, (3 * 3.0 + 2 * 7.0) / 5])
+    assert gather_outputs([[1, 2, 3], [4, 5]], [3, 2], torch.device("cpu")) == [1, 2, 3, 4, 5]  # uneven
 
 
 @pytest.mark.parametrize(
@@ -170,3 +185,67 @@ def test_values_every_replica_agrees_on_are_kept() -> None:
         [{"done": True, "tag": None}, {"done": True, "tag": None}], [1, 1], torch.device("cpu")
     )
     assert out == {"done": True, "tag": None}
+
+
+# -- lists with one item per sample (issue 20): split with their samples, by the rule gather uses ---------
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_a_list_of_strings_with_one_per_sample_is_split_with_the_samples(kind: type) -> None:
+    batch = {"x": torch.arange(5), "names": kind(f"s{i}" for i in range(5)), "split": "train"}
+    shards, sizes = split_batch(batch, 2)
+    assert sizes == [3, 2]
+    assert [[f"{n}={int(x)}" for n, x in zip(s["names"], s["x"], strict=True)] for s in shards] == [
+        ["s0=0", "s1=1", "s2=2"],
+        ["s3=3", "s4=4"],
+    ]
+    assert all(type(s["names"]) is kind and s["split"] == "train" for s in shards)
+
+
+def test_a_default_collated_batch_of_tensors_and_names_is_split_with_the_samples() -> None:
+    from torch.utils.data import default_collate
+
+    batch = default_collate([(torch.full((2,), float(i)), f"s{i}") for i in range(4)])
+    assert isinstance(batch, list) and batch[1] == ("s0", "s1", "s2", "s3")
+    shards, _ = split_batch(batch, 2)
+    assert [s[1] for s in shards] == [("s0", "s1"), ("s2", "s3")]
+    assert [s[0][:, 0].tolist() for s in shards] == [[0.0, 1.0], [2.0, 3.0]]
+
+
+def test_per_sample_targets_holding_tensors_of_their_own_sizes_are_split_with_the_samples() -> None:
+    """Detection-style targets: one dict per sample, each with its own number of boxes."""
+    targets = [{"boxes": torch.zeros(k, 4), "label": f"img{k}"} for k in (1, 4, 2)]
+    shards, sizes = split_batch({"images": torch.zeros(3, 1, 2, 2), "targets": targets}, 2)
+    assert sizes == [2, 1]
+    assert [[t["label"] for t in s["targets"]] for s in shards] == [["img1", "img4"], ["img2"]]
+    assert shards[0]["targets"][1]["boxes"].shape == (4, 4)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {"x": torch.zeros(3, 2), "ids": [4, 9, 1]},  # one id per sample, or three numbers?
+        {"x": torch.zeros(2, 2), "pair": [torch.zeros(2), "a"]},  # a batch beside a sample's value
+    ],
+)
+def test_an_ambiguous_list_is_refused_with_the_batch_structure(batch: dict[str, object]) -> None:
+    with pytest.raises(BatchSplitError, match=r"Cannot tell whether the list .* in the batch dict\(x=Tensor"):
+        split_batch(batch, 2)
+
+
+def test_lists_of_other_lengths_and_records_are_given_whole_or_split_item_by_item() -> None:
+    batch = {"x": torch.zeros(4, 2), "classes": ["cat", "dog"], "pair": (torch.ones(4), torch.zeros(4))}
+    shards, _ = split_batch(batch, 2)
+    assert all(s["classes"] == ["cat", "dog"] and s["pair"][0].shape == (2,) for s in shards)
+
+
+def test_split_and_gather_share_one_rule() -> None:
+    """What the split treats as per-sample, gather concatenates; what it refuses, gather refuses."""
+    cpu = torch.device("cpu")
+    names = ["a", "b", "c"]
+    assert sequence_role(names, 3) == PER_SAMPLE and sequence_role(names, 2) == RECORD
+    assert sequence_role([1, 2, 3], 3) == AMBIGUOUS
+    shards, sizes = split_batch({"x": torch.zeros(3), "names": names}, 2)
+    assert gather_outputs([s["names"] for s in shards], sizes, cpu) == names
+    with pytest.raises(GatherError, match="Cannot tell"):
+        gather_outputs([[1, 2], [3, 4]], [2, 2], cpu)

@@ -64,6 +64,6 @@ def test_each_replica_sees_its_own_device() -> None:
     module = TinyNet()
     replicas = replicate(module, [torch.device("cpu"), torch.device("meta")])
     assert [r.device for r in replicas] == [torch.device("cpu"), torch.device("meta")]
-    assert next(replicas[1].model.parameters(recurse=True), None) is None  # replicas hold no Parameters
+    assert next(replicas[1].model.parameters()) is replicas[1].model[0].weight  # its own copies (issue 20)
     assert replicas[1].model[0].weight.device.type == "meta"
     assert module.device == torch.device("cpu")

@@ -47,6 +47,7 @@ class Case:
     placement: Mapping[str, int] = field(default_factory=dict)
     chain: bool = False
     sharded_under: frozenset[str] = field(default_factory=frozenset)
+    slow: bool = False  #: its tests are marked slow (larger models: the fast suite stays fast)
 
     def __str__(self) -> str:
         return self.name
@@ -95,12 +96,16 @@ def batches(case: Case, n: int = 7, steps: int = 2) -> list[Batch]:
     return [case.batch(n, torch.Generator().manual_seed(100 + i)) for i in range(steps)]
 
 
-def fit(case: Case, steps: int = 2, shards: int = 1, **trainer_kwargs: Any) -> CaseModule:
-    """Train ``case`` for ``steps`` SGD steps on the CPU with ``trainer_kwargs`` (strategy, devices, ...)."""
+def fit(
+    case: Case, steps: int = 2, shards: int = 1, data: list[Batch] | None = None, **trainer_kwargs: Any
+) -> CaseModule:
+    """Train ``case`` for ``steps`` SGD steps on the CPU with ``trainer_kwargs`` (strategy, devices, ...),
+    on ``data`` (default: :func:`batches`)."""
     module = CaseModule(case, shards=shards)
     kwargs: dict[str, Any] = {**TRAINING_ONLY, "accelerator": "cpu", "devices": 1, "max_steps": steps}
     kwargs.update(trainer_kwargs)
-    pl.Trainer(**kwargs).fit(module, DataLoader(batches(case, steps=steps), batch_size=None))  # type: ignore[arg-type]
+    loader = DataLoader(batches(case, steps=steps) if data is None else data, batch_size=None)  # type: ignore[arg-type]
+    pl.Trainer(**kwargs).fit(module, loader)
     return module
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -142,3 +145,37 @@ def test_hooks_move_inputs_to_each_submodule_and_are_removable() -> None:
     handle.remove()
     with pytest.raises(RuntimeError):
         model(torch.randn(5, 3))
+
+
+def tiny_t5() -> nn.Module:
+    """T5's embedding is held four ways: ``shared``, ``encoder.embed_tokens``, ``decoder.embed_tokens``,
+    ``lm_head``."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+        tie_word_embeddings=True, decoder_start_token_id=0,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        {"shared": 0, "encoder": 0, "decoder": 1, "lm_head": 1},
+        {"shared": 0, "encoder": 1, "decoder": 1, "lm_head": 1},
+        {"shared": 1, "encoder": 0, "decoder": 0, "lm_head": 1},
+    ],
+)
+def test_the_suggested_map_for_a_parameter_tied_many_ways_is_accepted(placement: dict[str, int]) -> None:
+    """Issue 20 point 5: the suggestion moved only the first conflicting holder and was refused in turn."""
+    model = tiny_t5()
+    with pytest.raises(PlacementError, match=r"same \(tied\) parameter") as refused:
+        plan_placement(model, CPU2, placement)
+    found = re.search(r"placement=(\{[^}]*\})", str(refused.value))
+    assert found, str(refused.value)
+    suggested = ast.literal_eval(found.group(1))
+    plan = plan_placement(model, CPU2, suggested)  # accepted
+    weight = model.shared.weight
+    holding = [e for e in plan.entries if any(p is weight for p in model.get_submodule(e.path).parameters())]
+    assert len({e.position for e in holding}) == 1
+    assert {e.position for e in plan.entries} == {0, 1}  # still split over both devices

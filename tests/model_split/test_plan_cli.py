@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_gpupar.cli.plan import compose_config, main, plan_for_config
+from lightning_gpupar.model_split import PlacementError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,11 +70,8 @@ def test_a_lora_plan_counts_gradients_and_optimizer_state_for_the_adapters_only(
     assert main([*common, "model.lora_r=16", caps, "--no-data"]) == 0
     out = capsys.readouterr().out
     assert "model.base_model.model.model.layers.3" in out and "200.0 MiB cap" in out
-    assert main([*common, "model.lora_r=0", caps, "--no-data"]) == 1
-    assert (
-        "gpupar-plan: error: placement='auto' cannot fit the model under max_memory"
-        in capsys.readouterr().err
-    )
+    with pytest.raises(PlacementError, match=r"placement='auto' cannot fit the model under max_memory"):
+        main([*common, "model.lora_r=0", caps, "--no-data"])
 
     config_dir = ROOT / "conf"
     lora = plan_for_config(compose_config(config_dir, "config", [*common, "model.lora_r=16"]), use_data=False)
@@ -84,3 +82,18 @@ def test_a_lora_plan_counts_gradients_and_optimizer_state_for_the_adapters_only(
     adapters = 4 * 16 * (1024 + 1024) * 4 * 4  # q, k, v, o; r=16; 4 layers; float32
     assert sum(p.grads for p in lora_parts) == adapters
     assert sum(p.optimizer for p in lora_parts) == 2 * adapters  # AdamW: two float32 tensors each
+
+
+def test_prints_the_plan_of_a_device_map(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    overrides = ["strategy=model_split", "model=transformer", "model.num_layers=2", "trainer.accelerator=cpu"]
+    overrides += ["strategy.device_ids=2", "--no-data", "--device-map-of", "model", "--device-map"]
+    device_map = '{"embed": 0, "blocks.0": 0, "blocks.1": 1, "head": 1}'
+    assert main([*overrides, device_map]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    placed = {row[0]: row[1] for row in rows if row and row[0].startswith("model.")}
+    assert placed == {"model.embed": "0", "model.blocks.0": "0", "model.blocks.1": "1", "model.head": "1"}
+    with pytest.raises(PlacementError, match=r"entry 'blocks\.9': 1: No submodule 'model\.blocks\.9'"):
+        main([*overrides, '{"embed": 0, "blocks.0": 0, "blocks.9": 1, "head": 1}'])

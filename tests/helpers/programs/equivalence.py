@@ -1,6 +1,6 @@
 """Train a float64 MLP with DDPStrategy on 2 CPU processes and record what a step produced.
 
-    python equivalence.py OUT_DIR STEPS PER_RANK_BATCH [ddp|ddp_split] [cpu|gpu] [PROCESSES] [CHUNKS]
+    python equivalence.py OUT_DIR STEPS BATCH [ddp|ddp_split|ddp_split_1f1b] [cpu|gpu] [PROCESSES] [CHUNKS]
 
 Every rank writes ``OUT_DIR/rank<r>.pt``: its first-step loss, its gradients after the first backward
 (already all-reduced by DDP), and its weights after ``STEPS`` optimizer steps. The data and the
@@ -8,7 +8,7 @@ initial weights come from :func:`problem`, which the test uses for the single-de
 ``ddp_split`` runs 2 processes x 2 CPU devices, each copy split in two stages and pipelined in 2
 micro-batches; each rank also records the stage positions and how many micro-batches stage 0 ran.
 With ``gpu`` the processes train on GPUs 0.. with NCCL (``PROCESSES`` of them, default 2; ``CHUNKS``
-micro-batches for ``ddp_split``, default 2).
+micro-batches for ``ddp_split``, default 2). ``ddp_split_1f1b``: ``ddp_split`` with ``schedule="1f1b"``.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ class Recorder(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        if batch_idx == 0:
-            self.first_loss = loss.detach().clone()
-        return loss
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.first_loss is None:  # the step's loss (under 1F1B, training_step ran per micro-batch)
+            self.first_loss = outputs["loss"].detach().clone()
 
     def on_after_backward(self) -> None:
         if not self.first_grads:
@@ -70,13 +71,18 @@ def main() -> None:
     out, steps, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     net, data = problem()
     model = Recorder(net)
-    split = len(sys.argv) > 4 and sys.argv[4] == "ddp_split"
+    split = len(sys.argv) > 4 and sys.argv[4].startswith("ddp_split")
+    schedule = "1f1b" if split and sys.argv[4] == "ddp_split_1f1b" else "gpipe"
     accelerator = sys.argv[5] if len(sys.argv) > 5 else "cpu"
     processes = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     chunks = int(sys.argv[7]) if len(sys.argv) > 7 else 2
     strategy = (
         DDPSplitStrategy(
-            timeout=60, devices_per_process=2, placement={"net.0-1": 0, "net.2": 1}, chunks=chunks
+            timeout=60,
+            devices_per_process=2,
+            placement={"net.0-1": 0, "net.2": 1},
+            chunks=chunks,
+            schedule=schedule,
         )
         if split
         else DDPStrategy(timeout=60)

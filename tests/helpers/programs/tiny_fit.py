@@ -1,14 +1,18 @@
 """Fit a tiny model with DDPStrategy on CPU processes; optionally make one rank raise.
 
-    python tiny_fit.py --devices 2 [--num-nodes N] [--fail-rank R] [--timeout S] [--out DIR] [--ckpt PATH]
+    python tiny_fit.py --devices 2 [--num-nodes N] [--fail-rank R] [--kill-rank R] [--timeout S] [--out DIR]
+        [--ckpt PATH]
 
-With ``--out`` rank 0 writes the trained state dict to ``DIR/weights.pt``; with ``--ckpt`` the Trainer
-saves a checkpoint there after fitting. ``--timeout`` is the process group's (seconds).
+``--kill-rank R``: rank R SIGKILLs itself at the third step (it prints nothing). With ``--out`` rank 0
+writes the trained state dict to ``DIR/weights.pt``; with ``--ckpt`` the Trainer saves a checkpoint there
+after fitting. ``--timeout`` is the process group's (seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,14 +24,17 @@ from lightning_gpupar import DDPStrategy
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self, fail_rank: int | None = None) -> None:
+    def __init__(self, fail_rank: int | None = None, kill_rank: int | None = None) -> None:
         super().__init__()
         self.net = nn.Linear(4, 2)
         self.fail_rank = fail_rank
+        self.kill_rank = kill_rank
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if batch_idx == 2 and self.global_rank == self.fail_rank:
             raise RuntimeError(f"boom on rank {self.global_rank}")
+        if batch_idx == 2 and self.global_rank == self.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--ckpt", type=Path, default=None)
@@ -68,7 +76,7 @@ def main() -> None:
 
     pl.seed_everything(0)
     trainer = make_trainer(args.devices, args.num_nodes, args.timeout)
-    model = Tiny(args.fail_rank)
+    model = Tiny(args.fail_rank, args.kill_rank)
     trainer.fit(model, make_data())
     print(f"rank {trainer.global_rank} of {trainer.world_size} finished")
     if args.ckpt is not None:
