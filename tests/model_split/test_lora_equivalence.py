@@ -1,9 +1,9 @@
-"""LoRA end to end: tiny random Llama / Qwen2 causal LMs with PEFT LoRA adapters train under model_split (a
-map, auto), dp (2 and 3 devices, uneven batches) and ddp_split (2 processes x 2 CPU devices) exactly as on
-one device, in float64: the same losses, adapter gradients and adapter weights. A causal LM's forward is no
-chain of stages (the mask and rotary embeddings are made between the embedding and the layers), so
-micro-batches (``chunks=2``) run on a LoRA'd chain, our TransformerNet. Plans count gradients and optimizer
-state for the adapters only."""
+"""LoRA end to end: tiny random Llama / Qwen2 causal LMs with PEFT LoRA adapters train under model_split
+(a map, auto, a model carrying hf_device_map), dp (2 and 3 devices, uneven batches) and ddp_split (2
+processes x 2 CPU devices) exactly as on one device, in float64: the same losses, adapter gradients and
+adapter weights. A causal LM's forward is no chain of stages (the mask and rotary embeddings are made
+between the embedding and the layers), so micro-batches (``chunks=2``) run on a LoRA'd chain, our
+TransformerNet. Plans count gradients and optimizer state for the adapters only."""
 
 from __future__ import annotations
 
@@ -79,7 +79,6 @@ HF_DEVICE_MAP = {
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs placement=device_map (i22a)")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_device_mapped_lora_model_trains_as_on_one_device(arch: str) -> None:
     reference = fit(LoraLM(arch, layers=2))
