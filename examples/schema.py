@@ -97,6 +97,8 @@ class AppConfig:
 
     ``ckpt_path`` continues a run: ``last`` (this run directory's newest checkpoint; none yet: start
     fresh) or a checkpoint file. ``checkpoint_every_n_steps`` also saves ``last.ckpt`` mid-epoch.
+    ``monitor_mode`` (null: from the metric, max for ``*_acc``, min for ``*_loss``) picks the best
+    checkpoint. ``stop_on_nonfinite_loss`` stops training at the first NaN or infinite training loss.
     """
 
     model: Any = MISSING
@@ -106,8 +108,10 @@ class AppConfig:
     seed: int = 0
     test: bool = True
     monitor: str = "val_loss"
+    monitor_mode: str | None = None
     ckpt_path: str | None = None
     checkpoint_every_n_steps: int | None = None
+    stop_on_nonfinite_loss: bool = True
 
 
 def register_app_configs() -> None:
