@@ -11,8 +11,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from examples.data import DIGITS_SAMPLES, split_sizes
+
 #: Metrics the example models log: what ``monitor`` can watch.
 LOGGED_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc")
+#: What ``monitor_mode`` accepts (null: from the metric's name).
+MONITOR_MODES = (None, "min", "max")
 DIGITS_FEATURES, DIGITS_CLASSES, TOKEN_CLASSES = 64, 10, 2
 #: Lightning's seed bounds (``seed_everything`` replaces a seed outside them with a random one).
 SEED_RANGE = (0, 2**32 - 1)
@@ -32,9 +36,72 @@ def validate_app_config(cfg: DictConfig) -> None:
             f"monitor={cfg.monitor!r} is not a metric the models log: valid are {', '.join(LOGGED_METRICS)}. "
             "Write e.g. monitor=val_loss."
         )
+    monitor_mode(cfg)
+    _check_split(cfg)
     low, high = SEED_RANGE
     if not low <= cfg.seed <= high:
         raise AppConfigError(f"seed={cfg.seed}: valid seeds are {low}..{high}. Write e.g. seed=0.")
+
+
+def monitor_mode(cfg: DictConfig) -> str:
+    """``min`` or ``max``: whether a lower or a higher ``monitor`` value marks the best checkpoint.
+
+    From the metric's name (``*_acc``: max, ``*_loss``: min) unless ``monitor_mode`` says it; a mode
+    that contradicts the metric is refused (the "best" checkpoint would be the worst one).
+    """
+    given = cfg.get("monitor_mode")
+    if given not in MONITOR_MODES:
+        raise AppConfigError(
+            f"monitor_mode={given!r}: valid are null (from the metric: max for accuracy, min for loss), "
+            "min and max. Write e.g. monitor_mode=null."
+        )
+    metric = str(cfg.monitor)
+    known = "max" if metric.endswith("_acc") else "min" if metric.endswith("_loss") else None
+    if known is not None and given is not None and given != known:
+        better = "higher" if known == "max" else "lower"
+        raise AppConfigError(
+            f"monitor_mode={given} with monitor={metric}: a {better} {metric} is better, so the "
+            f"checkpoint kept as best would be the worst. Write monitor_mode={known}, or leave it null."
+        )
+    mode = given or known
+    if mode is None:
+        raise AppConfigError(
+            f"monitor={metric}: the app cannot tell whether a higher or a lower value is better. "
+            "Write monitor_mode=max or monitor_mode=min."
+        )
+    return str(mode)
+
+
+def _check_split(cfg: DictConfig) -> None:
+    """Validation must get samples (the best checkpoint is chosen on them), and so must a test run."""
+    data = cfg.data
+    if "val_fraction" not in data or "test_fraction" not in data:
+        return  # a data module of the user's own
+    if "num_samples" in data:
+        total = int(data.num_samples)
+    elif _name(data) == "DigitsDataModule":
+        total = DIGITS_SAMPLES
+    else:
+        return
+    _, n_val, n_test = split_sizes(total, data.val_fraction, data.test_fraction)
+    held = [("val_fraction", n_val, "validation", "")]
+    if cfg.get("test", True):
+        held.append(("test_fraction", n_test, "test", " (or test=false to train without a test)"))
+    for key, count, use, alternative in held:
+        if count == 0:
+            fraction = data[key]
+            raise AppConfigError(
+                f"data.{key}={fraction} leaves 0 of the {total} samples for {use} ({total} x {fraction} "
+                f"rounds down to 0). Write data.{key}={_fraction_for_one(total)} or more{alternative}."
+            )
+
+
+def _fraction_for_one(total: int) -> float:
+    """The smallest round fraction that gives at least one sample of ``total``."""
+    fraction = 0.01
+    while int(total * fraction) < 1:
+        fraction *= 10
+    return round(fraction, 4)
 
 
 def _name(node: DictConfig) -> str:

@@ -11,6 +11,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 from examples.resume import EpochShuffleSampler, ResumableDataLoader
 
+#: The number of scikit-learn's digits (fixed: the data ships with scikit-learn).
+DIGITS_SAMPLES = 1797
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """How many of ``n`` samples go to training, validation and test."""
+    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
+    return n - n_val - n_test, n_val, n_test
+
 
 class _SplitDataModule(pl.LightningDataModule):
     """Seeded train/val/test split of one in-memory dataset; subclasses provide ``make_dataset``."""
@@ -34,12 +43,9 @@ class _SplitDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         dataset = self.make_dataset()
-        n = len(dataset)
-        n_val, n_test = int(n * self.val_fraction), int(n * self.test_fraction)
+        sizes = split_sizes(len(dataset), self.val_fraction, self.test_fraction)
         generator = torch.Generator().manual_seed(self.seed)
-        self.train_set, self.val_set, self.test_set = random_split(
-            dataset, [n - n_val - n_test, n_val, n_test], generator=generator
-        )
+        self.train_set, self.val_set, self.test_set = random_split(dataset, sizes, generator=generator)
 
     def train_dataloader(self) -> ResumableDataLoader:
         assert self.train_set is not None

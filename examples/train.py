@@ -21,14 +21,16 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_gpupar  # noqa: F401  (registers our strategies)
-from examples.checks import validate_app_config
-from examples.resume import InterruptCheckpoint, resolve_ckpt_path
+from examples.checks import monitor_mode, validate_app_config
+from examples.finite import FiniteLossCheck
+from examples.resume import InterruptCheckpoint, RunDirCheckpoint, resolve_ckpt_path
+from examples.run_facts import RunFacts
 from examples.schema import register_app_configs
 from lightning_gpupar.config import build_trainer
 
@@ -39,17 +41,20 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    """Fit, test, and return the test metrics (plus the best checkpoint's path, as ``best_ckpt``)."""
+    """Fit, then test the best checkpoint (or the final weights when there is none); the test metrics."""
     checkpoint_dir = output_dir / "checkpoints"
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir)  # a wrong path fails before training
     pl.seed_everything(cfg.seed, workers=True)
     log.info("model config (every rank logs the one it trains):\n%s", OmegaConf.to_yaml(cfg.model).strip())
     model = instantiate(cfg.model, _convert_="all")
     data = instantiate(cfg.data)
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor=cfg.monitor, mode="min", save_last=True)
-    callbacks: list[Callback] = [checkpoint, InterruptCheckpoint(checkpoint_dir)]
+    mode = monitor_mode(cfg)
+    checkpoint = RunDirCheckpoint(dirpath=checkpoint_dir, monitor=cfg.monitor, mode=mode, save_last=True)
+    callbacks: list[Callback] = [checkpoint, InterruptCheckpoint(checkpoint_dir), RunFacts(cfg)]
+    if cfg.stop_on_nonfinite_loss:
+        callbacks.append(FiniteLossCheck())
     if cfg.checkpoint_every_n_steps:  # last.ckpt mid-epoch too; the data loader resumes where it was
-        every_n = ModelCheckpoint(
+        every_n = RunDirCheckpoint(
             dirpath=checkpoint_dir,
             every_n_train_steps=cfg.checkpoint_every_n_steps,
             save_top_k=0,
@@ -69,19 +74,39 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             for d in getattr(trainer.strategy, "parallel_devices", None) or [trainer.strategy.root_device]
         )
         print(f"strategy: {type(trainer.strategy).__name__} on {devices}")
+        better = "highest" if mode == "max" else "lowest"
+        print(
+            f"checkpoint selection: the best is the one with the {better} {cfg.monitor} (monitor_mode={mode})"
+        )
     if ckpt_path is not None and trainer.is_global_zero:
-        where = f" (the newest last*.ckpt in {checkpoint_dir})" if ckpt_path == "last" else ""
-        print(f"resuming from: {ckpt_path}{where}")
+        where = (
+            f"last = {ckpt_path} (the newest last*.ckpt that loads)" if cfg.ckpt_path == "last" else ckpt_path
+        )
+        print(f"resuming from: {where}")
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    best = checkpoint.best_model_path or None
     metrics: dict[str, float] = {}
     if cfg.test:
-        (results,) = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
-        metrics = {k: float(v) for k, v in results.items()}
+        if best is None and trainer.is_global_zero:
+            print(
+                f"no best checkpoint (no {cfg.monitor} was logged: {_why_no_best(trainer)}); testing the "
+                f"weights at the end of training (step {trainer.global_step})."
+            )
+        results = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
+        metrics = {k: float(v) for k, v in results[0].items()} if results else {}
     if trainer.is_global_zero:
         for name, value in sorted(metrics.items()):
             print(f"{name}: {value:.4f}")
-        print(f"best checkpoint: {checkpoint.best_model_path}")
+        print(f"best checkpoint: {best or 'none'}")
     return metrics
+
+
+def _why_no_best(trainer: pl.Trainer) -> str:
+    if getattr(trainer, "fast_dev_run", False):
+        return "fast_dev_run saves no checkpoints"
+    if trainer.global_step == 0:
+        return "training ran no step (trainer.max_epochs=0 or trainer.max_steps=0)"
+    return "training ended before the first validation"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -1,15 +1,6 @@
 """Reading and writing checkpoint files safely.
 
-Writes go to a temporary file in the target's directory, are fsynced, then ``os.replace``d onto the
-target, so an exception or a kill mid-write leaves the previous file whole; the next successful save
-to that target removes the temporary files killed saves left behind (and only those: saves of the
-same target by other live processes are left alone). (Lightning's
-``_atomic_save`` serialises into memory first, then writes the target in place, or through fsspec's
-local transaction, whose temporary file lives in the system temp dir and is moved over with a
-copy when that is another filesystem: a kill during that write truncates the old checkpoint.)
-
-Reads use ``weights_only=True`` unless the caller opts out, and turn torch's failures into errors
-that say what is wrong with the file and what to do.
+How it works: docs/internals.md, section ``lightning_gpupar/checkpoint/io.py``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """``gpupar-plan``: print the placement plan a Hydra config of the example app would train with, without
 training, so that devices, ``max_memory`` and ``no_split`` can be tried before a run.
 
-    gpupar-plan strategy=model_split model=transformer trainer.accelerator=cpu strategy.device_ids=3
-    python -m lightning_gpupar.cli.plan strategy=ddp_split strategy.device_ids=4 'strategy.max_memory={0:4GB}'
-    gpupar-plan strategy=model_split model=transformer model.num_layers=2 strategy.device_ids=2 \
-        trainer.accelerator=cpu --device-map-of model \
-        --device-map '{"embed": 0, "blocks.0": 0, "blocks.1": 1, "head": 1}'
-
-The config is composed from ``--config-dir`` (default ``./conf``) with the overrides given, as
-``examples/train.py`` composes it. The model is built on the meta device (nothing is allocated); the
-activations are measured with the model's ``example_input_array``, else with the first training batch's
-first element (skip that with ``--no-data``).
+How it works: docs/internals.md, section ``lightning_gpupar/cli/plan.py``.
 """
 
 from __future__ import annotations

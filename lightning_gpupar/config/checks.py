@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from lightning_gpupar.devices import DeviceSelection
 from lightning_gpupar.errors import GpuparError
@@ -30,6 +30,7 @@ def check_config(cfg: DictConfig, selection: DeviceSelection) -> None:
     """Check ``cfg.strategy`` and ``cfg.trainer`` against each other and the chosen devices."""
     check_trainer(cfg.trainer, strategy_kind(cfg.strategy))
     check_strategy(cfg.strategy, selection)
+    _check_trainer_devices(cfg, selection)
 
 
 def strategy_kind(strategy_cfg: DictConfig) -> str:
@@ -81,6 +82,25 @@ def check_strategy(strategy_cfg: DictConfig, selection: DeviceSelection) -> None
         _check_backend_on(strategy_cfg.get("process_group_backend"), selection)
     if kind == "dp" and strategy_cfg.get("output_device") is not None:
         _check_output_device(strategy_cfg.output_device, selection)
+
+
+def _check_trainer_devices(cfg: DictConfig, selection: DeviceSelection) -> None:
+    """``trainer.devices`` (added with ``+``) must agree with ``strategy.device_ids``, which chooses them."""
+    given = cfg.trainer.get("devices")
+    if isinstance(given, ListConfig):
+        given = list(given)
+    if given is None or given == "auto":
+        return
+    chosen = selection.trainer_devices
+    count = len(selection)
+    if given in (chosen, count) or (isinstance(given, str) and given.strip() in (str(chosen), str(count))):
+        return
+    raise ConfigValueError(
+        f"trainer.devices={given!r} contradicts strategy.device_ids={cfg.strategy.device_ids!r}, which "
+        f"chose {count} device(s) ({', '.join(map(str, selection.devices))}). The app chooses devices with "
+        f"strategy.device_ids only: drop trainer.devices and write strategy.device_ids={given!r} to get "
+        "those devices."
+    )
 
 
 def _check_backend_on(backend: Any, selection: DeviceSelection) -> None:

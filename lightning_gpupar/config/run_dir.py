@@ -1,21 +1,6 @@
 """One run per run directory: a Hydra callback that checks and locks ``hydra.run.dir`` before a job starts.
 
-Two runs in one directory would overwrite each other's ``.hydra/``, logs and ``checkpoints/`` (and
-their ``last.ckpt``). :class:`RunDirGuard` takes an advisory lock (``fcntl.flock`` on
-``<run dir>/.run.lock``) before Hydra writes anything there, holds it while the job runs, and refuses a
-second run whose directory is held, naming the run that holds it. The kernel releases the lock when its
-holder exits, however it exits, so a killed run's directory is free again at once.
-
-The other ranks of a DDP run train in the directory of rank 0 and take no lock: the ranks this package's
-launcher starts (``LIGHTNING_GPUPAR_LAUNCHER_PID`` names their launcher), and ranks other than 0 under
-torchrun, SLURM or Lightning's launcher (``RANK``, ``SLURM_PROCID``, ``NODE_RANK``, ``LOCAL_RANK``).
-
-Add it to a Hydra app's primary config::
-
-    hydra:
-      callbacks:
-        run_dir_guard:
-          _target_: lightning_gpupar.config.run_dir.RunDirGuard
+How it works: docs/internals.md, section ``lightning_gpupar/config/run_dir.py``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Start the other DDP processes of this node, correctly inside Hydra single runs and sweeps.
 
-Lightning's script launcher re-executes ``sys.argv`` for every extra local rank. Under a Hydra sweep
-(``-m``) the child inherits ``-m`` and runs the whole sweep again (Lightning issue #11300). Here the
-child command is built from the *current job* instead: the job's own overrides, ``hydra.mode=RUN``
-and ``hydra.run.dir`` set to this job's output directory, so rank ``k`` trains exactly the job rank 0
-trains, writes into the same directory, does not write a second ``.hydra/``, and logs to
-``<job name>_rank<k>.log``.
-
-Each child also gets this node's chosen GPU ids (``LIGHTNING_GPUPAR_AUTO_DEVICE_IDS``), so that
-``strategy.device_ids=auto`` resolves to rank 0's choice instead of being chosen again by free memory.
-
-A sweep runs its jobs one after another in one process, and Lightning keeps the process group and the
-``MASTER_PORT``/``LOCAL_RANK`` variables of the first job alive. When a new Hydra job starts training,
-the launcher first retires the previous job's children, process group and variables.
-
-Failures are bounded: a failed child brings the others down through Lightning's process observer,
-and when rank 0 raises, its children are killed before the error propagates (after at most
-``FAILURE_REPORT_GRACE_S``, during which a child that failed first is named in the log).
+How it works: docs/internals.md, section ``lightning_gpupar/ddp/launcher.py``.
 """
 
 from __future__ import annotations

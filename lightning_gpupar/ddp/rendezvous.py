@@ -1,14 +1,6 @@
 """Launch variables checked before the rendezvous, so that a wrong one fails in seconds, by name.
 
-torch's rendezvous waits ``strategy.timeout`` (30 minutes by default) for a rank 0 that can never come:
-a ``NODE_RANK`` left in the shell, a ``MASTER_ADDR`` that does not resolve or that nothing answers at.
-Who waits for whom, and so what may be checked: rank 0 hosts the rendezvous (torch's TCP store) on
-``MASTER_PORT`` of its own machine, and every other rank connects to ``MASTER_ADDR:MASTER_PORT``
-(under torchrun node 0's agent hosts it, before any worker starts). Rank 0 legitimately waits for the
-others, and on a cluster nodes start minutes apart, so waiting stays bounded by ``strategy.timeout``
-alone. What fails fast: a node rank outside ``0..num_nodes-1``, an address that does not resolve, and,
-for ranks other than 0, an address that gives no answer at all within :data:`CONNECT_BOUND_S` (a
-machine that refuses the connection has answered: rank 0 may simply not listen yet). See docs/ddp.md.
+How it works: docs/internals.md, section ``lightning_gpupar/ddp/rendezvous.py``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Turn a device request into concrete torch devices, validated against what this process can see.
 
-A request is what a user writes in ``strategy.device_ids``:
-
-=================  ==============================================================================
-``[0, 3]``         these CUDA devices (ids as this process sees them under ``CUDA_VISIBLE_DEVICES``)
-``"0,3"``          the same, as a string
-``2``              two devices: ``cuda:0, cuda:1``, or two CPU devices when the accelerator is the CPU
-``-1``             every visible GPU
-``"auto"``         the GPUs with the most free memory above ``min_free_memory`` (CPU when none);
-                   chosen once by the launching rank, refused in ranks torchrun or SLURM started
-``"auto:2"``       the two GPUs with the most free memory
-``"cpu"``          CPU devices (the strategy's default count)
-``[0, 1, cpu]``    GPUs 0 and 1 and the CPU as one more device (``model_split``: a CPU stage beside GPUs;
-                   ``"0,1,cpu"`` too); with ``trainer.accelerator=cpu``: three CPU devices (dry runs)
-=================  ==============================================================================
-
-Everything that can be wrong with a request is reported here, before a Trainer exists, in an error that
-names the request, what exists, and what to write instead.
+How it works: docs/internals.md, section ``lightning_gpupar/devices/requests.py``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """Gather per-replica step outputs onto one device, as if the step had seen the whole batch.
 
-* tensors with a batch dimension are concatenated along dim 0, in shard order, so per-sample outputs
-  (predictions) come back in the original sample order;
-* scalars (0-dim tensors and Python numbers, the loss among them) are means over shards weighted by shard
-  size, which equals the full-batch mean of a per-sample mean;
-* a list or tuple with one item per sample of its shard (decoded text, variable-length boxes) is
-  concatenated in order; which lists those are is the rule the batch split uses,
-  :func:`~lightning_gpupar.dp.batch.sequence_role` (docs/dp.md, "Lists with one item per sample"), and
-  a list that rule calls ambiguous (only numbers, one per sample or a record?) is refused;
-* dicts, dataclasses, namedtuples and other lists and tuples (``[loss, logits]``, ``(logits, features)``)
-  are gathered item by item;
-* any other value (``bool``, ``str``, ``None``, objects) must be the same on every replica; replicas that
-  disagree raise an error naming the output's path and the values.
-
-Gathering is differentiable: the loss gathered here backpropagates into every replica.
+How it works: docs/internals.md, section ``lightning_gpupar/dp/gather.py``.
 """
 
 from __future__ import annotations

@@ -1,24 +1,6 @@
 """Per-step module replicas for data parallelism, on any list of devices (CPU included).
 
-The structure follows ``torch.nn.parallel.replicate`` (which refuses CPU devices): every submodule is
-copied shallowly with ``Module._replicate_for_data_parallel``, and parameters and buffers are attached as
-copies made by one primitive, :func:`copy_tensors`, the only place CPU and CUDA differ.
-
-Rules, as in ``nn.DataParallel``:
-
-* parameters are differentiable copies, so gradients of every replica flow back to the root's leaves;
-* the first replica shares the root's buffers (in-place updates such as BatchNorm running statistics are
-  kept), the others get copies whose updates are dropped at the end of the step;
-* anything a replica stores on ``self`` during a step is dropped with the replica;
-* ``None`` parameters and buffers (``bias=False``) stay ``None``; a tensor held by several modules (tied
-  weights) is copied once and every holder gets that copy; parametrizations and an RNN's
-  ``_flat_weights`` (re-pointed by ``setattr``) behave as in torch's replicas.
-
-Additions (docs/dp.md, "What a replica is and what it shares"): a replica answers ``parameters()`` /
-``named_parameters()`` / ``buffers()`` with its own copies (torch's answer nothing), so
-``next(self.parameters())`` and transformers' ``model.device`` work; each replica has its own copies of
-the hook dictionaries, so hooks registered during a step die with it; ``self.device`` is the replica's
-device; a torchmetrics ``Metric`` is copied with empty state (merged back by :mod:`.replica_results`).
+How it works: docs/internals.md, section ``lightning_gpupar/dp/replicate.py``.
 """
 
 from __future__ import annotations

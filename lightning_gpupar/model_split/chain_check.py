@@ -1,16 +1,6 @@
 """Check, once, that a module's forward really is the chain of the stages a pipeline will run instead.
 
-A pipeline replaces the owner's ``forward`` with ``stage_n(... stage_1(input))``. For an
-``nn.Sequential`` that is its definition; for any other owner (``embed -> blocks -> head`` in a loop)
-it is the user's promise. :func:`check_stage_chain` runs the original forward once on a sample, with
-hooks on the stages, and refuses a forward that calls them in another order, transforms a value between
-them (``b(relu(a(x)))`` with ``relu`` outside the stages), or returns something else: pipelining those
-would silently compute a different model.
-
-Each stage's input is recorded as its caller passed it, before any forward pre-hook (the placement's
-move to the stage's device makes a new tensor), and its output after every forward hook. The check
-leaves no trace: no autograd graph, the RNG state and every buffer of the stages (BatchNorm's running
-statistics, its batch counter) are as they were before.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/chain_check.py``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """What training a module needs in memory, per submodule, computed before anything moves.
 
-A device's need is its parameters + buffers + gradients (parameters that require grad) + optimizer state +
-the activations autograd saves for backward. :func:`measure_model` gathers every part for every submodule:
-
-- parameters, buffers, gradients: ``numel * element_size``; a parameter shared by several submodules (tied
-  weights) belongs to the first that registers it and is counted once;
-- optimizer state: per parameter, from the optimizer's class (Adam-style: 2 tensors per parameter, 3 with
-  ``amsgrad``; SGD with momentum: 1, without: 0); any other optimizer is measured by running one ``step()``
-  of its class on meta-device copies of the parameters; without an optimizer, Adam-style is assumed;
-- activations: one forward of an example input on the meta device (:func:`torch.func.functional_call` with
-  meta stand-ins for every parameter and buffer, so nothing is allocated and the model is not touched),
-  counting the bytes of the tensors autograd saves (``torch.autograd.graph.saved_tensors_hooks``) and
-  charging each to the innermost module running when it is saved. Without an example input, activations
-  are not counted (and the plan says so).
-
-:class:`ModelMemory` says which source each part came from (:attr:`ModelMemory.sources`).
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/memory.py``.
 """
 
 from __future__ import annotations

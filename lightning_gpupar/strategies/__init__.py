@@ -1,18 +1,6 @@
 """The Lightning-facing layer: one file per strategy, and their registration under Lightning's names.
 
-==================  =============================  ==========================================
-registry / Hydra    class                          file
-==================  =============================  ==========================================
-``single``          :class:`SingleStrategy`        ``single.py`` (Hydra only)
-``dp``              :class:`DataParallelStrategy`  ``dp.py``
-``model_split``     :class:`ModelSplitStrategy`    ``model_split.py``
-``ddp``             :class:`DDPStrategy`           ``ddp.py`` (Hydra; Lightning's "ddp" stays)
-``ddp_split``       :class:`DDPSplitStrategy`      ``ddp_split.py``
-==================  =============================  ==========================================
-
-Shared pieces: ``_single_process.py`` (the base of dp and model_split) and ``split_mixin.py`` (model_split
-and ddp_split). The engines behind them live below: :mod:`lightning_gpupar.dp`,
-:mod:`lightning_gpupar.model_split` and :mod:`lightning_gpupar.ddp`.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/__init__.py``.
 """
 
 from typing import Any, NamedTuple

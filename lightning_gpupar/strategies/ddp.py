@@ -1,21 +1,6 @@
 """DDPStrategy: Lightning's DDP, with its options as plain config values and a Hydra-aware launcher.
 
-The training path is Lightning's own: one process per device, each holding a full replica wrapped in
-``torch.nn.parallel.DistributedDataParallel``, gradients all-reduced during ``backward``. What this
-subclass changes is around it:
-
-- DDP's options (``find_unused_parameters``, ``static_graph``, ``gradient_as_bucket_view``) and the
-  process group's (``process_group_backend``, ``timeout`` in seconds) are keyword arguments a Hydra
-  config can set.
-- Processes started by Lightning (not by torchrun or SLURM) come from
-  :class:`~lightning_gpupar.ddp.launcher.HydraAwareScriptLauncher`: each child runs the current Hydra
-  job only, in that job's directory, so sweeps (``-m``) work.
-- Layout mistakes (more processes than devices, a busy ``MASTER_PORT``, a GPU id this node lacks)
-  fail before the process group is created, in words.
-- Checkpoints hold canonical keys and are written atomically
-  (:class:`~lightning_gpupar.checkpoint.CanonicalCheckpointMixin`).
-
-A model split over each process's devices is :class:`~lightning_gpupar.strategies.ddp_split.DDPSplitStrategy`.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/ddp.py``.
 """
 
 from __future__ import annotations

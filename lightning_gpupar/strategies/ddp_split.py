@@ -1,14 +1,7 @@
 """DDPSplitStrategy (``strategy="ddp_split"``): DDP where each process owns a group of devices holding one
 split copy of the model.
 
-The D chosen devices form D/k groups of k (``devices_per_process``); process r owns devices
-``r*k .. r*k+k-1`` and splits its copy over them as :class:`~lightning_gpupar.model_split.ModelSplit` says
-(placement positions count within the group, 0..k-1). DDP wraps the split module with
-``device_ids=None`` and all-reduces gradients across processes as usual.
-
-What differs from plain DDP, top to bottom: Lightning counts one device per process (the first of each
-group); the launching process plans rank 0's placement before any other process starts; each process's
-``model_to_device`` places its copy over its group (:class:`SplitStrategyMixin`); DDP is told no device ids.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/ddp_split.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +28,12 @@ from lightning_gpupar.model_split.handoff import (
     plan_to_json,
 )
 from lightning_gpupar.strategies.ddp import DDPStrategy
-from lightning_gpupar.strategies.split_mixin import SplitStrategyMixin, planning_inputs
+from lightning_gpupar.strategies.split_mixin import (
+    FitPlan,
+    SplitStrategyMixin,
+    module_signature,
+    planning_inputs,
+)
 from lightning_gpupar.strategies.split_schedule import all_reduce_gradients
 
 
@@ -136,7 +134,8 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
     ) -> None:
         """In the launching process before any other starts: plan rank 0's placement (sizes only, nothing
         moves), so a missing submodule or an unplaceable map fails now, and hand the plan to the ranks
-        (:data:`~lightning_gpupar.model_split.handoff.PLAN_ENV`); when fitting, check ``chunks`` against the
+        (:data:`~lightning_gpupar.model_split.handoff.PLAN_ENV`; rank 0 in this process keeps it as its
+        plan of the fit); when fitting, check ``chunks`` against the
         per-process batch size of the training loader or the datamodule.
 
         The arguments are those the Trainer hands its launcher: ``_fit_impl(model, train_dataloaders,
@@ -145,25 +144,31 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         if not isinstance(model, torch.nn.Module) or self._all_devices is None:
             return
         group = self._all_devices[: self.devices_per_process]
-        plan = self.split.plan(model, group, **planning_inputs(model))
-        os.environ[PLAN_ENV] = plan_to_json(plan)  # the ranks this process starts place by this plan
+        inputs = planning_inputs(model)
+        plan = self.split.plan(model, group, **inputs)
         if getattr(function, "__name__", "") == "_fit_impl":
             self.split.check_batch_size(_declared_batch_size(loaders, datamodule))
+        # only a launch that goes ahead hands its plan on: a refused one leaves no plan for a later fit
+        os.environ[PLAN_ENV] = plan_to_json(plan)  # the ranks this process starts place by this plan
+        # when this process goes on as rank 0, this is its plan for the fit (see SplitStrategyMixin.planned)
+        key = (id(model), tuple(group), module_signature(model))
+        self.fit_plan = FitPlan(key, plan, final="optimizer" in inputs)
 
     @override
-    def make_plan(self) -> PlacementPlan:
-        """The launching process's plan (:data:`PLAN_ENV`) for this rank's group, else planned here; either
-        way checked identical across ranks before anything moves."""
-        assert self.model is not None
+    def compute_plan(
+        self, module: torch.nn.Module, devices: list[torch.device], **inputs: Any
+    ) -> PlacementPlan:
+        """The launching process's plan (:data:`PLAN_ENV`) for this rank's group, else planned here."""
         handed = os.environ.get(PLAN_ENV)
         if handed is None:
-            plan = super().make_plan()
-        else:
-            inputs = {**planning_inputs(self.model), "max_memory": self.split.max_memory}
-            plan = plan_from_json(self.model, self.device_group, handed, **inputs)
+            return super().compute_plan(module, devices, **inputs)
+        return plan_from_json(module, devices, handed, **inputs, max_memory=self.split.max_memory)
+
+    @override
+    def check_plan(self, plan: PlacementPlan) -> None:
+        """The same plan on every rank, checked before anything moves."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             check_same_plan(plan, self.global_rank, all_gather_strings)
-        return plan
 
     @override
     def model_to_device(self) -> None:

@@ -1,35 +1,6 @@
 """``strategy="dp"``: one process, the batch split over the chosen devices, a replica per device.
 
-The path of one step, top to bottom in :meth:`DataParallelStrategy._parallel_step`:
-
-1. split the batch along dim 0 into at most N shards (:mod:`lightning_gpupar.dp.batch`); the loop has already
-   run ``on_before_batch_transfer`` once on the whole batch, which stays where the DataLoader put it, so
-   ``on_train_batch_start`` / ``on_train_batch_end`` see it there, unsplit;
-2. replicate the module onto those devices (:mod:`lightning_gpupar.dp.replicate`);
-3. move shard i to device i through ``transfer_batch_to_device`` and ``on_after_batch_transfer``, called
-   on replica i with device i current (the hooks see that device's ``self.device`` and buffers);
-4. run the replica's own ``*_step`` on its shard in a thread (:mod:`lightning_gpupar.dp.parallel_apply`),
-   with its ``self.log`` recorded instead of logged;
-5. merge the replicas' metric states and logged values into the root, once, on this thread
-   (:mod:`lightning_gpupar.dp.replica_results`);
-6. gather the outputs on ``output_device``; the loss is the shard-size-weighted mean, equal to the
-   full-batch mean (:mod:`lightning_gpupar.dp.gather`).
-
-CPU and CUDA run the same path; only the tensor copies differ. With one device the step runs on the root
-module directly; a batch of fewer samples than devices uses fewer replicas (a one-sample batch: one
-replica, on the first device).
-
-Rules users should know (as in ``nn.DataParallel``): BatchNorm running statistics are the first replica's;
-attributes a replica sets on ``self`` during a step are dropped with it (store state in buffers updated in
-place on the first replica, in metrics, or via ``self.log``); ``sync_batchnorm=True`` is refused (it needs
-one process per device: use ``strategy=ddp``).
-
-Manual optimization (``automatic_optimization=False``): the step runs once, on the full batch, on this
-thread. Only calls to the LightningModule's ``forward`` (``self(x)``) inside it run data-parallel; a
-submodule called directly (``self.generator(z)``, as GANs do) runs once, on the root device, on the whole
-input. The batch arrives on ``output_device``, where ``self(x)`` returns its outputs, so a loss of
-``self(x)`` and the batch's targets works as on one device; with an ``output_device`` other than the root
-device, move the inputs of direct submodule calls to ``self.device``.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/dp.py``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """ModelSplitStrategy: one process, one model, its submodules placed on several devices, optionally pipelined.
 
-The path a step takes:
-
-1. ``setup`` -> :meth:`ModelSplitStrategy.model_to_device`: the placement is planned from the module tree
-   (nothing allocated), printed as a table, checked against each GPU's free memory, then applied: every
-   placed submodule moves to its device and gets a hook that moves its inputs there.
-2. With ``chunks > 1`` the stage sequence's owner (e.g. ``model``) runs a GPipe schedule over
-   micro-batches (:mod:`lightning_gpupar.model_split.pipeline`); its outputs are concatenated.
-3. The batch arrives on ``root_device`` = the *output device* (by default the device of the last placed
-   submodule), where the model's output lands; so labels, the loss, metrics and ``self.device`` inside the
-   LightningModule all live on that one device. Backward crosses devices through autograd.
-4. Optimizer state stays with its parameters (Lightning would move it to ``root_device``).
-   Gradient clipping by norm uses ``torch.nn.utils.clip_grad_norm_``, which computes per-device norms and
-   combines them, so the total norm is that of the unsplit model.
-5. Checkpoints hold the plain ``LightningModule.state_dict()`` keys: a split checkpoint loads into the
-   unsplit model and under any other placement.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/model_split.py``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """The Lightning side of a :class:`~lightning_gpupar.model_split.ModelSplit`, shared by ``model_split`` and
 ``ddp_split``: the hooks through which a strategy places its model copy over a list of devices.
 
-A strategy using it says which devices the split spans (:attr:`SplitStrategyMixin.split_devices`: all the
-Trainer's devices for ``model_split``, a process's own group for ``ddp_split``); the mixin then
-
-- puts the batch on the split's output device (``root_device``), where outputs, loss and metrics live;
-- plans, prints, checks and applies the placement in ``model_to_device``, and takes it off in ``teardown``;
-- keeps optimizer state with its parameters (Lightning moves all of it to ``root_device``);
-- checks the training batches against ``chunks`` and warns when a step bypasses the pipeline.
+How it works: docs/internals.md, section ``lightning_gpupar/strategies/split_mixin.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -23,7 +18,7 @@ from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -46,21 +41,51 @@ def optimizer_state_to_parameter_devices(optimizer: Optimizer) -> None:
                 state[key] = value.to(param.device)
 
 
-def planning_inputs(module: torch.nn.Module) -> dict[str, Any]:
+def planning_inputs(module: torch.nn.Module, warn: bool = True) -> dict[str, Any]:
     """What the plan's training-memory estimate can use before placement: the optimizer
-    ``configure_optimizers`` returns (its first, when it returns several) and ``example_input_array``."""
+    ``configure_optimizers`` returns (its first, when it returns several) and ``example_input_array``.
+    When ``configure_optimizers`` cannot run yet, the ``optimizer`` key is missing (the plan assumes
+    Adam-style state), with a warning if ``warn``."""
     found: dict[str, Any] = {"example_input": getattr(module, "example_input_array", None)}
     if isinstance(module, pl.LightningModule):
         try:
             optimizers, _, _ = _configure_optimizers(module.configure_optimizers())  # type: ignore[arg-type]
             found["optimizer"] = optimizers[0] if optimizers else None
         except Exception as err:  # a hook that needs the trainer's loop state: fall back to the assumption
-            rank_zero_warn(
-                f"configure_optimizers could not run before placement ({type(err).__name__}: {err}); the "
-                "plan assumes Adam-style optimizer state (2 tensors per parameter).",
-                category=UserWarning,
-            )
+            if warn:
+                rank_zero_warn(
+                    f"configure_optimizers could not run before placement ({type(err).__name__}: {err}); "
+                    "the plan assumes Adam-style optimizer state (2 tensors per parameter).",
+                    category=UserWarning,
+                )
+    else:
+        found["optimizer"] = None
     return found
+
+
+def module_signature(module: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    """What a plan depends on in the module itself: each parameter's and buffer's name, shape and dtype
+    (a layer ``configure_model`` builds, or the precision plugin's conversion, changes it)."""
+    tensors = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in tensors)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """The plan of one fit, for the module, devices and tensors of ``key``: computed once, then read by
+    ``root_device`` before placement and applied by ``model_to_device``.
+
+    ``error``: why planning failed (e.g. layers ``configure_model`` builds later); ``final``: planned with
+    everything placement uses (the optimizer from ``configure_optimizers``), so placement need not plan again.
+    """
+
+    key: tuple[Any, ...]
+    plan: PlacementPlan | None
+    error: PlacementError | None = None
+    final: bool = True
 
 
 class SplitStrategyMixin(_StrategyBase):
@@ -69,6 +94,10 @@ class SplitStrategyMixin(_StrategyBase):
     split: ModelSplit
     applied: AppliedSplit | None = None
     _pipeline_use_checked: bool = False
+    #: This fit's plan (see :class:`FitPlan`); forgotten at teardown.
+    fit_plan: FitPlan | None = None
+    #: The position ``root_device`` answered before placement, during a fit: placement keeps outputs there.
+    _promised_position: int | None = None
     #: ``schedule="1f1b"``: the gradients this step's ``training_step`` computed, added in :meth:`backward`
     _step_grads: list[tuple[torch.nn.Parameter, Tensor | None]] | None = None
 
@@ -91,23 +120,93 @@ class SplitStrategyMixin(_StrategyBase):
         return self._output_device_before_placement()
 
     def _output_device_before_placement(self) -> torch.device:
-        """Where the plan will put outputs, before it is applied, so that the first CUDA call
-        (``setup_environment``'s ``set_device``) is on that device rather than on the last one: asked of a
-        plan of the attached LightningModule (sizes only: no optimizer, no forward; nothing moves); while no
-        module exists or its layers are still to be built (``configure_model``), the declared
-        ``output_device`` position, else the last device. ``balance="time"`` plans only in
-        :meth:`model_to_device`, once per fit, on the module Lightning converted to the run's precision:
-        before, the declared ``output_device``, else the last device (where its plans put the output unless
-        ``max_memory`` leaves the last device empty)."""
+        """Where this fit's plan puts outputs, before it is applied, so that the first CUDA call
+        (``setup_environment``'s ``set_device``) is on that device rather than on the last one.
+
+        The first answer during a fit is a promise: later reads give the same device, and
+        :meth:`model_to_device` keeps outputs there. It comes from this fit's plan (:meth:`planned`, sizes
+        and optimizer; nothing moves); while no module exists or its layers are still to be built
+        (``configure_model``), from the declared ``output_device`` position, else the last device.
+        ``balance="time"`` plans only in :meth:`model_to_device`, on the module Lightning converted to the
+        run's precision: before, the declared ``output_device``, else the last device (where its plans put
+        the output unless ``max_memory`` leaves the last device empty)."""
         devices = self.split_devices
         module = self.lightning_module
-        if module is not None and not (self.split.balance == "time" and self.split.is_auto):
-            try:
-                return self.split.plan(module, devices).output_device
-            except PlacementError:
-                pass  # e.g. layers that configure_model builds later
+        if self._promised_position is not None and self._promised_position < len(devices):
+            return devices[self._promised_position]
         position = self.split.output_device
-        return devices[position if position is not None and position < len(devices) else -1]
+        position = position if position is not None and position < len(devices) else len(devices) - 1
+        if module is not None and not (self.split.balance == "time" and self.split.is_auto):
+            fit_plan = self.planned(module, devices, final=False)
+            if fit_plan.plan is not None and fit_plan.plan.entries:  # no entries: no layers built yet
+                position = fit_plan.plan.output_position
+        if module is not None:  # a fit is under way (connect): Lightning sets its device from this answer
+            self._promised_position = position
+        return devices[position]
+
+    def planned(self, module: torch.nn.Module, devices: list[torch.device], final: bool = True) -> FitPlan:
+        """This fit's plan of ``module`` over ``devices``: computed on the first call, then the same one
+        while the module, its tensors and the devices stay the same (a changed model plans again).
+        ``final``: the plan placement applies (planning errors raise; a plan made while
+        ``configure_optimizers`` could not run yet is made again)."""
+        key = (id(module), tuple(devices), module_signature(module))
+        cached = self.fit_plan
+        if cached is not None and cached.key == key and (cached.final or not final):
+            if final and cached.error is not None:
+                raise cached.error
+            return cached
+        inputs = planning_inputs(module, warn=final)
+        try:
+            plan = self.compute_plan(module, devices, **inputs)
+        except PlacementError as err:
+            if final:
+                raise
+            self.fit_plan = FitPlan(key, None, err, final=False)
+        else:
+            self.fit_plan = FitPlan(key, plan, final="optimizer" in inputs)
+        return self.fit_plan
+
+    def compute_plan(
+        self, module: torch.nn.Module, devices: list[torch.device], **inputs: Any
+    ) -> PlacementPlan:
+        """Plan ``module`` over ``devices`` with the planning ``inputs`` (optimizer, example input), in the
+        run's precision (``balance="time"`` times the stages as training will run them)."""
+        return self.split.plan(module, devices, precision=self.precision_plugin, **inputs)
+
+    def check_plan(self, plan: PlacementPlan) -> None:
+        """A last check of the plan just before it is applied (ddp_split: the same on every rank)."""
+
+    @override
+    def model_to_device(self) -> None:
+        """Plan (once per fit), print, check free memory, place; then pipeline the stage sequence if
+        ``chunks > 1``."""
+        assert self.model is not None
+        self._unplace()
+        plan = self.make_plan()
+        mixed = self.precision_plugin
+        if isinstance(mixed, MixedPrecision):
+            dtype = torch.bfloat16 if mixed.precision == "bf16-mixed" else torch.float16
+            plan = dataclasses.replace(plan, precision=stage_precisions(plan.devices, mixed.device, dtype))
+        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=plan)
+
+    def make_plan(self) -> PlacementPlan:
+        """The plan :meth:`model_to_device` applies: this fit's (:meth:`planned`), its output on the device
+        ``root_device`` already answered before placement, checked by :meth:`check_plan`."""
+        assert self.model is not None
+        devices = self.split_devices
+        fit_plan = self.planned(self.model, devices)
+        assert fit_plan.plan is not None
+        plan = fit_plan.plan
+        promised = self._promised_position
+        if promised is not None and promised < len(devices) and devices[promised] != plan.output_device:
+            rank_zero_info(
+                f"{self.split_title}: outputs go to position {promised} ({devices[promised]}), the device "
+                f"the run was set up on before placement, not position {plan.output_position}; declare "
+                "output_device to choose it."
+            )
+            plan = dataclasses.replace(plan, output_position=promised)
+        self.check_plan(plan)
+        return plan
 
     @override
     @contextmanager
@@ -117,18 +216,6 @@ class SplitStrategyMixin(_StrategyBase):
         placement then moves each part to its device."""
         with _EmptyInit(enabled=bool(empty_init)), self.precision_plugin.tensor_init_context():
             yield
-
-    @override
-    def model_to_device(self) -> None:
-        """Plan, print, check free memory, place; then pipeline the stage sequence if ``chunks > 1``."""
-        assert self.model is not None
-        self._unplace()
-        plan = self.make_plan()
-        mixed = self.precision_plugin
-        if isinstance(mixed, MixedPrecision):
-            dtype = torch.bfloat16 if mixed.precision == "bf16-mixed" else torch.float16
-            plan = dataclasses.replace(plan, precision=stage_precisions(plan.devices, mixed.device, dtype))
-        self.applied = self.split.apply(self.model, self.split_devices, self.split_title, plan=plan)
 
     @contextmanager
     def _stage_autocast(self) -> Iterator[None]:
@@ -150,13 +237,6 @@ class SplitStrategyMixin(_StrategyBase):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._stage_autocast():
             return super().predict_step(*args, **kwargs)
-
-    def make_plan(self) -> PlacementPlan:
-        """The plan :meth:`model_to_device` applies: planned here, with the optimizer and example input, in
-        the run's precision (``balance="time"`` times the stages as training will run them)."""
-        assert self.model is not None
-        inputs = planning_inputs(self.model)
-        return self.split.plan(self.model, self.split_devices, precision=self.precision_plugin, **inputs)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -267,6 +347,7 @@ class SplitStrategyMixin(_StrategyBase):
     @override
     def teardown(self) -> None:
         self._unplace()
+        self.fit_plan, self._promised_position = None, None  # the next fit plans again
         super().teardown()
 
     def _unplace(self) -> None:

@@ -7,6 +7,8 @@ The killed run dies in the middle of an epoch (step 7 of 5-batch epochs). With
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from unittest.mock import MagicMock, call
@@ -18,7 +20,14 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from examples.resume import EpochShuffleSampler, InterruptCheckpoint, ResumableDataLoader, resolve_ckpt_path
+from examples.resume import (
+    EpochShuffleSampler,
+    InterruptCheckpoint,
+    NoLoadableCheckpointError,
+    ResumableDataLoader,
+    resolve_ckpt_path,
+)
+from examples.run_facts import ResumeMismatchError
 from tests.helpers.app_runs import STRATEGIES, finish, output, progress, start, weights
 from tests.helpers.self_kill import KILL_AT_STEP_ENV
 
@@ -110,15 +119,45 @@ def test_resolve_ckpt_path(tmp_path: Path) -> None:
     assert resolve_ckpt_path(None, checkpoints) is None
     assert resolve_ckpt_path("last", checkpoints) is None  # nothing saved yet: fresh
     checkpoints.mkdir()
-    (checkpoints / "last-interrupted.ckpt").touch()
-    assert resolve_ckpt_path("last", checkpoints) == "last"
-    assert resolve_ckpt_path(str(checkpoints / "last-interrupted.ckpt"), checkpoints) == str(
-        (checkpoints / "last-interrupted.ckpt").resolve()
-    )
+    interrupted = checkpoints / "last-interrupted.ckpt"
+    torch.save({"state_dict": {}, "global_step": 3}, interrupted)
+    assert resolve_ckpt_path("last", checkpoints) == str(interrupted.resolve())
+    assert resolve_ckpt_path(str(interrupted), checkpoints) == str(interrupted.resolve())
     with pytest.raises(FileNotFoundError, match="is a directory"):
         resolve_ckpt_path(str(checkpoints), checkpoints)
     with pytest.raises(FileNotFoundError, match=r"does not exist.*ckpt_path=last"):
         resolve_ckpt_path(str(tmp_path / "x.ckpt"), checkpoints)
+
+
+def _write_at(path: Path, content: bytes | None, mtime: float) -> None:
+    if content is None:
+        torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": int(mtime)}, path)
+    else:
+        path.write_bytes(content)
+    os.utime(path, (mtime, mtime))
+
+
+def test_last_passes_over_a_newest_checkpoint_that_does_not_load_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk or a damaged file: ``last-step.ckpt`` is newest but cut short; ``last.ckpt`` is whole."""
+    _write_at(tmp_path / "last.ckpt", None, 1000)
+    whole = (tmp_path / "last.ckpt").read_bytes()
+    _write_at(tmp_path / "last-step.ckpt", whole[: len(whole) // 2], 2000)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_ckpt_path("last", tmp_path) == str((tmp_path / "last.ckpt").resolve())
+    said = caplog.text
+    assert "the newest checkpoint does not load" in said and "last-step.ckpt" in said, said
+    assert str(tmp_path / "last.ckpt") in said, said
+
+
+def test_last_refuses_naming_every_file_when_none_loads(tmp_path: Path) -> None:
+    _write_at(tmp_path / "last.ckpt", b"\x00" * 64, 1000)
+    _write_at(tmp_path / "last-step.ckpt", b"garbage", 2000)
+    with pytest.raises(NoLoadableCheckpointError) as info:
+        resolve_ckpt_path("last", tmp_path)
+    assert "last.ckpt" in str(info.value) and "last-step.ckpt" in str(info.value)
+    assert "ckpt_path=null" in str(info.value)
 
 
 def test_the_loader_resumes_where_its_state_says_in_the_same_order() -> None:
@@ -133,7 +172,7 @@ def test_the_loader_resumes_where_its_state_says_in_the_same_order() -> None:
     seen = [next(batches), next(batches)]
     state = first.state_dict()
     rest = list(batches)
-    assert state == {"batches_given": 2}
+    assert state == {"batches_given": 2, "batch_size": 3, "shards": 1}
 
     second = loader()
     second.load_state_dict(state)
@@ -143,6 +182,29 @@ def test_the_loader_resumes_where_its_state_says_in_the_same_order() -> None:
     assert [b.tolist() for b in resumed] == [b.tolist() for b in rest]
     assert sorted(torch.cat(seen + resumed).tolist()) == list(range(20))
     assert [b.tolist() for b in second] == [b.tolist() for b in seen + rest]  # next epoch: whole again
+
+
+@pytest.mark.parametrize(
+    ("saved", "phrase"),
+    [
+        (
+            {"batches_given": 2, "batch_size": 4, "shards": 1},
+            "data.batch_size=4; this run has data.batch_size=3",
+        ),
+        ({"batches_given": 2, "batch_size": 3, "shards": 2}, "2 processes; this run has 1 processes"),
+    ],
+    ids=["batch_size", "processes"],
+)
+def test_a_mid_epoch_state_of_another_batch_size_or_process_count_is_refused(
+    saved: dict[str, int], phrase: str
+) -> None:
+    """Skipping 2 batches of another size (or of another shard) would train samples twice, skip others."""
+    data = torch.arange(20)
+    loader = ResumableDataLoader(data, batch_size=3, sampler=EpochShuffleSampler(data, seed=1))
+    with pytest.raises(ResumeMismatchError, match="The resumed epoch would skip 2 batches") as info:
+        loader.load_state_dict(saved)
+    assert phrase in str(info.value)
+    loader.load_state_dict({**saved, "batches_given": 0})  # the start of an epoch: nothing skipped, fine
 
 
 def test_each_epoch_has_its_own_order_whatever_came_before() -> None:

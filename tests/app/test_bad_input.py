@@ -228,6 +228,32 @@ APP_ROWS: list[Any] = [
     (["monitor=val_los"], {}, (), AppConfigError, "monitor='val_los'"),
     (["seed=-1"], {}, (), AppConfigError, "seed=-1"),
     (["seed=4294967296"], {}, (), AppConfigError, "valid seeds are 0..4294967295"),
+    (["monitor_mode=banana"], {}, (), AppConfigError, "monitor_mode='banana': valid are null"),
+    (["monitor=val_acc", "monitor_mode=min"], {}, (), AppConfigError, "the checkpoint kept as best would be"),
+    (["monitor=train_loss", "monitor_mode=max"], {}, (), AppConfigError, "a lower train_loss is better"),
+    # settings checked against each other (issue 21)
+    (
+        ["+trainer.devices=3", "strategy.device_ids=2"],
+        {},
+        (),
+        ConfigValueError,
+        "trainer.devices=3 contradicts strategy.device_ids=2",
+    ),
+    (
+        ["data.val_fraction=0.0005"],
+        {},
+        (),
+        AppConfigError,
+        "data.val_fraction=0.0005 leaves 0 of the 1797 samples for validation",
+    ),
+    (["data.test_fraction=0.0005"], {}, (), AppConfigError, "leaves 0 of the 1797 samples for test"),
+    (
+        ["model=transformer", "data.num_samples=20", "data.val_fraction=0.04"],
+        {},
+        (),
+        AppConfigError,
+        "data.val_fraction=0.04 leaves 0 of the 20 samples",
+    ),
     # composition (Hydra's schemas)
     (["model.lrr=0.1"], {}, (), ConfigCompositionException, "model.lrr"),
     (["trainer.max_epochs=1.5"], {}, (), ConfigCompositionException, "trainer.max_epochs"),

@@ -1,22 +1,6 @@
 """Balance by time: split the stage chain so that the slowest device is as fast as possible.
 
-``placement="auto"`` balances parameter bytes by default. With ``balance="time"`` (torchgpipe's
-``balance_by_time`` idea) :func:`plan_by_time`
-
-1. runs the LightningModule's ``example_input_array`` through the model once (no gradients, buffers and
-   RNG restored) to record the input of every stage;
-2. times each stage's forward + backward on that input on the first device, one stage there at a time
-   (warm-up, then a few repetitions, the median): :func:`measure_stage_times`;
-3. cuts the chain into K contiguous groups minimising the slowest group's time, with each group's
-   parameter bytes under its device's ``max_memory`` cap: :func:`partition_chain` (exact dynamic
-   programme over the cut points);
-4. places the groups with the ordinary planner, so the plan and its table are the usual ones plus the
-   measured time of each device's stages and the expected GPipe bubble ``(K-1)/(M+K-1)``.
-
-Given the run's ``precision`` (Lightning's precision plugin, once it converted the module), the sample is
-converted as training batches are and every forward runs in its ``forward_context``: stages are timed in
-the dtype, or under the autocast, the run uses. The times come from one device type and one sample, so
-they rank the stages; they do not predict step times on other hardware.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/balance/by_time.py``.
 """
 
 from __future__ import annotations
@@ -123,8 +107,7 @@ def _measure(
     inputs = _stage_inputs(root, modules, sample, precision)
     in_precision = precision.forward_context if precision is not None else contextlib.nullcontext
     times = []
-    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=gpus), _buffers_kept(modules):
+    with torch.random.fork_rng(devices=_cuda_indices(root, sample, device)), _buffers_kept(modules):
         for module, (args, kwargs) in zip(modules, inputs, strict=True):
             home = next((t.device for t in [*module.parameters(), *module.buffers()]), device)
             grads = {p: None if p.grad is None else p.grad.clone() for p in module.parameters()}
@@ -224,7 +207,7 @@ def _stage_inputs(
         )
         for m in modules
     ]
-    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    gpus = _cuda_indices(root, sample)
     context = precision.forward_context() if precision is not None else contextlib.nullcontext()
     sample = precision.convert_input(sample) if precision is not None else sample
     try:
@@ -245,6 +228,14 @@ def _stage_inputs(
             "declare the stages the forward runs (strategy.stages=[...]) or use balance='memory'."
         )
     return [seen[id(m)] for m in modules]
+
+
+def _cuda_indices(root: nn.Module, sample: Any, *devices: torch.device) -> list[int]:
+    """The GPUs whose RNG a measurement may draw from: those of the model's tensors, the sample and
+    ``devices``. Forking every GPU's RNG would create a CUDA context on GPUs the plan never uses."""
+    found = [*root.parameters(), *root.buffers(), *_tensors(sample)]
+    cuda = {t.device for t in found if t.is_cuda} | {d for d in devices if d.type == "cuda"}
+    return sorted({d.index if d.index is not None else torch.cuda.current_device() for d in cuda})
 
 
 @contextlib.contextmanager
