@@ -119,7 +119,7 @@ class _HeldLogs:
             if len(numbers) == len(calls):
                 reduce_fx = _LOG_SIGNATURE.bind(None, name, value, *args, **kwargs).arguments.get("reduce_fx")
                 reduction = _REDUCTIONS.get(reduce_fx) if isinstance(reduce_fx, str) else None
-                reduction = reduction or _REDUCTIONS_BY_FN.get(reduce_fx, "mean")  # as Lightning, else mean
+                reduction = reduction or _REDUCTIONS_BY_FN.get(reduce_fx, "mean")  # type: ignore[arg-type]
                 if reduction == "mean":
                     total = sum(c[1] for c in calls)
                     value = sum(c[0] * c[1] for c in calls) / total
