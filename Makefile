@@ -42,9 +42,11 @@ bench: $(STAMP)  ## run every benchmark script
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 # The CUDA tests, the GPU benchmark rows and peak memory, one Markdown report under benchmarks/results/
-# (and $$OUT). Without a GPU it says so and fails.
-gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, GPU benchmarks, a report
-	$(PY) benchmarks/gpu_check.py
+# (and $$OUT). Installs nothing (a GPU machine may have no package index): it runs with .venv when that
+# exists, else with $(PYTHON); `make gpu-check PY=python3` picks the interpreter. A missing package is
+# named with the commands that bring it offline. Without a GPU it says so and fails. GPU_CHECK_ARGS=--quick
+gpu-check:  ## on a GPU machine: CUDA tests, GPU benchmarks, a report (installs nothing)
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:  ## remove .venv and run outputs
 	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache .mypy_cache .ruff_cache

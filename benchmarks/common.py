@@ -35,16 +35,33 @@ class StepTimer(pl.Callback):
         self._seen = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(trainer.strategy)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(trainer.strategy)
         self._seen += 1
         if self._seen > self.warmup:
             self.times.append(time.perf_counter() - self._start)
+
+
+def synchronize(strategy: Any) -> None:
+    """Wait for every GPU ``strategy`` computes on in this process (``torch.cuda.synchronize()`` alone
+    waits for the current device only: a second GPU's queued work would count in the next step)."""
+    if torch.cuda.is_available():
+        for device in used_cuda_devices(strategy):
+            torch.cuda.synchronize(device)
+
+
+def used_cuda_devices(strategy: Any) -> list[torch.device]:
+    """The CUDA devices this process computes on: a DDP rank's own (never another rank's: that would make
+    a CUDA context there), all of a single-process strategy's (dp, model_split)."""
+    devices = getattr(strategy, "process_devices", None)
+    if devices is None:
+        parallel = getattr(strategy, "parallel_devices", None)
+        one_process = getattr(strategy, "world_size", 1) == 1
+        devices = parallel if parallel and one_process else [strategy.root_device]
+    return [d for d in dict.fromkeys(devices) if d.type == "cuda"]
 
 
 def fit_step_times(module: pl.LightningModule, loader: Any, steps: int, **trainer_kwargs: Any) -> list[float]:

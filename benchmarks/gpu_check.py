@@ -1,17 +1,23 @@
-"""``make gpu-check``: prove a GPU machine in one command, in under 8 minutes.
+"""``make gpu-check``: prove a GPU machine in one command, in under 8 minutes (``--quick``: under 4).
 
-    python benchmarks/gpu_check.py [--steps 30] [--pytest-timeout 300]
+    python benchmarks/gpu_check.py [--quick] [--steps 30] [--pytest-timeout 300]
+    make gpu-check PY=python3          # the same, with that interpreter; neither installs anything
 
-On whatever GPUs the machine has (one is enough; two or more unlock the multi-GPU cases):
+It first checks that the packages it needs import. For a missing one it prints the commands that make a
+small wheelhouse on a connected machine and the line that installs it here without an index; without the
+optional ones (Hydra: hydra-core, omegaconf, antlr4-python3-runtime) it goes on and their tests skip. Then,
+on whatever GPUs the machine has (one is enough; two or more unlock the multi-GPU cases):
 
-1. the CUDA tests (``pytest -m cuda``);
+1. the CUDA tests (``pytest -m cuda``; ``--quick``: ``-m "cuda and not slow"``), killed with every process
+   they started (DDP ranks in sessions of their own too) when they run past their time;
 2. the GPU rows of every benchmark: dp on one GPU against Lightning's single device (and on two GPUs),
    model_split CPU+GPU and GPU+GPU, the pipeline with CUDA streams (``chunks=4``), DDP with NCCL;
 3. the peak memory of each GPU under each of them (``torch.cuda.max_memory_allocated``).
 
-It writes one Markdown report, with the machine line, to ``benchmarks/results/gpu-check-<date>.md`` (and
-into ``$OUT`` when that is set) and exits non-zero when a test or a benchmark failed. Without a GPU it
-says so and exits with status 2: there is nothing to prove.
+It writes one Markdown report naming torch, CUDA, the driver and the GPUs to
+``benchmarks/results/gpu-check-<date>.md`` (and into ``$OUT`` when that is set) and exits non-zero when a
+test or a benchmark failed. Without a GPU it says so and exits with status 2: there is nothing to prove.
+Without a required package (torch, lightning, pytest, torchmetrics) it exits with status 3.
 """
 
 from __future__ import annotations
@@ -34,9 +40,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+from benchmarks import offline  # noqa: E402  (imports nothing beyond the standard library)
+from benchmarks.process_tree import run_bounded  # noqa: E402
 
 NO_GPU_EXIT = 2
+MISSING_PACKAGE_EXIT = 3
+#: Seconds the whole check may take, and what the CUDA tests get of it: full, then --quick.
+BUDGET_S = {False: 480.0, True: 240.0}
+PYTEST_TIMEOUT_S = {False: 300.0, True: 150.0}
 RESULTS = ROOT / "benchmarks" / "results"
 MiB = 2**20
 
@@ -56,12 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=30, help="training steps per benchmark variant")
-    parser.add_argument("--pytest-timeout", type=float, default=300, help="seconds for pytest -m cuda")
+    parser.add_argument("--quick", action="store_true", help="at most 4 minutes: no slow tests, fewer steps")
+    parser.add_argument("--steps", type=int, help="training steps per benchmark variant (30; --quick: 10)")
+    parser.add_argument("--pytest-timeout", type=float, help="seconds for the CUDA tests (300; --quick: 150)")
     parser.add_argument("--ddp-worker", metavar="DIR", help=argparse.SUPPRESS)  # a rank of the NCCL row
     args = parser.parse_args(argv)
+    steps = args.steps or (10 if args.quick else 30)
     if args.ddp_worker:
-        return _ddp_worker(Path(args.ddp_worker), args.steps)
+        return _ddp_worker(Path(args.ddp_worker), steps)
+
+    started = time.monotonic()
+    missing = offline.missing_packages()
+    if missing:
+        print(f"gpu-check: some packages do not import with {sys.executable}:")
+        print(offline.describe(missing))
+        print(offline.wheelhouse_instructions(missing))
+    if any(m.module == "torch" for m in missing):
+        print("gpu-check: torch does not import, so no GPU can be looked for. Nothing was installed.")
+        return MISSING_PACKAGE_EXIT
+    import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
@@ -69,14 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             f"gpu-check: found no CUDA GPU (torch {torch.__version__}, CUDA build: "
             f"{'yes' if torch.version.cuda else 'no'}, CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}), so there is nothing to check. Run "
-            "`make gpu-check` on a machine with at least one GPU."
+            "`make gpu-check` on a machine with at least one GPU. Nothing was installed."
         )
         return NO_GPU_EXIT
+    if any(m.required for m in missing):
+        print("gpu-check: a required package is missing (above); nothing was run or installed.")
+        return MISSING_PACKAGE_EXIT
 
-    started = time.monotonic()
-    tests_ok, tests_text = _cuda_tests(args.pytest_timeout)
-    rows = _benchmarks(count, args.steps)
-    report = _report(count, tests_ok, tests_text, rows, time.monotonic() - started)
+    budget = BUDGET_S[args.quick]
+    timeout = args.pytest_timeout or PYTEST_TIMEOUT_S[args.quick]
+    tests_ok, tests_text = _cuda_tests(timeout, args.quick)
+    rows = _benchmarks(count, steps, deadline=started + budget - 20, quick=args.quick)
+    report = _report(count, tests_ok, tests_text, rows, time.monotonic() - started, missing, args.quick)
     for path in _write(report):
         print(f"gpu-check: report written to {path}")
     print(report)
@@ -86,25 +114,37 @@ def main(argv: list[str] | None = None) -> int:
 # -- 1. the CUDA tests ---------------------------------------------------------------------------------
 
 
-def _cuda_tests(timeout: float) -> tuple[bool, str]:
-    """Run ``pytest -m cuda``; whether it passed, and its summary and failures."""
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider", "tests"]
+def _cuda_tests(timeout: float, quick: bool) -> tuple[bool, str]:
+    """Run ``pytest -m cuda``; whether it passed, and its summary, slowest tests and failures."""
+    marker = "cuda and not slow" if quick else "cuda"
+    command = [sys.executable, "-m", "pytest", "-m", marker, "-q", "-rfEs", "--durations=15"]
+    command += ["-p", "no:cacheprovider", "tests"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        return False, f"pytest -m cuda did not finish within {timeout:.0f} s.\n{out[-3000:]}"
+    done = run_bounded(command, timeout, cwd=ROOT, env=env)
     lines = done.stdout.strip().splitlines()
+    if done.timed_out:  # pytest and every process it started (DDP ranks too) were killed
+        text = f"pytest -m {marker!r} did not finish within {timeout:.0f} s (killed, with its processes)."
+        return False, "\n".join([text, *lines[-40:]])
     keep = [line for line in lines if line.startswith(("FAILED", "ERROR", "SKIPPED"))]
+    durations = _durations(lines)
     summary = lines[-1] if lines else done.stderr.strip()[-500:]
-    return done.returncode == 0, "\n".join([summary, *keep])
+    return done.returncode == 0, "\n".join([f"pytest -m {marker!r}: {summary}", *keep, *durations])
+
+
+def _durations(lines: list[str]) -> list[str]:
+    """pytest's ``--durations`` table (the slowest tests), so the next budget is set from facts."""
+    try:
+        start = next(i for i, line in enumerate(lines) if "slowest" in line and "durations" in line)
+    except StopIteration:
+        return []
+    return [line for line in lines[start : start + 17] if line.strip()]
 
 
 # -- 2. the GPU benchmark rows -------------------------------------------------------------------------
 
 
-def _benchmarks(count: int, steps: int) -> list[Row]:
+def _benchmarks(count: int, steps: int, deadline: float, quick: bool) -> list[Row]:
+    import torch
     from lightning.pytorch import LightningModule
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -177,17 +217,23 @@ def _benchmarks(count: int, steps: int) -> list[Row]:
                 {"strategy": split([gpu0, gpu1], 4)},
             ),
         ]
-    rows = [
-        _measure(name, devices, make, loader, steps, **kwargs)
-        for name, devices, make, loader, kwargs in variants
-    ]
+    if quick:  # the rows the ratios need on one GPU
+        keep = {"Lightning single device", "dp, 1 GPU", "unsplit TransformerNet"}
+        variants = [v for v in variants if v[0] in keep or v[1].count("cuda:1")]
+    rows = []
+    for name, devices, make, loader, kwargs in variants:
+        if time.monotonic() > deadline:
+            rows.append(Row(name, devices, error="not run: the check's time budget was spent"))
+            continue
+        rows.append(_measure(name, devices, make, loader, steps, **kwargs))
     if gpu1 is not None:
-        rows.append(_ddp_nccl(steps))
+        rows.append(_ddp_nccl(steps) if time.monotonic() < deadline else Row("ddp (NCCL)", "cuda:0, cuda:1"))
     return rows
 
 
 def _measure(name: str, where: str, make: Callable[[], Any], loader: Any, steps: int, **kwargs: Any) -> Row:
     """Fit ``steps`` steps on the GPU(s) with the Trainer arguments ``kwargs``; never raises."""
+
     from benchmarks.common import fit_step_times
 
     row = Row(name, where)
@@ -209,13 +255,12 @@ def _ddp_nccl(steps: int) -> Row:
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, str(Path(__file__).resolve()), "--ddp-worker", out, "--steps", str(steps)]
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+        done = run_bounded(command, 180, cwd=ROOT, env=env)  # on timeout, rank 1 is killed too
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
             results = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]
         except Exception:
             row.error = traceback.format_exc(limit=1).strip().splitlines()[-1]
-            if "done" in locals():
-                row.error += " | " + done.stderr.strip()[-300:].replace("\n", " ")
+            row.error += " | " + done.stderr.strip()[-300:].replace("\n", " ")
             return row
     row.ms_per_step = results[0]["ms_per_step"]
     row.peaks = {key: value for result in results for key, value in result["peaks"].items()}
@@ -224,6 +269,7 @@ def _ddp_nccl(steps: int) -> Row:
 
 def _ddp_worker(out: Path, steps: int) -> int:
     """One rank of the NCCL row: time the steps, record this rank's GPU's peak memory."""
+    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from benchmarks.bench_dp import Net as MLP
@@ -254,18 +300,32 @@ def _ddp_worker(out: Path, steps: int) -> int:
 
 
 def _reset_peaks() -> None:
+    import torch
+
     for i in range(torch.cuda.device_count()):
         torch.cuda.reset_peak_memory_stats(i)
 
 
 def _peaks() -> dict[str, int]:
+    import torch
+
     return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
 
 
 # -- 3. the report -------------------------------------------------------------------------------------
 
 
-def _report(count: int, tests_ok: bool, tests_text: str, rows: list[Row], seconds: float) -> str:
+def _report(
+    count: int,
+    tests_ok: bool,
+    tests_text: str,
+    rows: list[Row],
+    seconds: float,
+    missing: list[offline.Missing],
+    quick: bool,
+) -> str:
+    import torch
+
     from benchmarks.common import machine
 
     gpus = ", ".join(
@@ -277,8 +337,9 @@ def _report(count: int, tests_ok: bool, tests_text: str, rows: list[Row], second
         f"# gpu-check {datetime.date.today().isoformat()}: {'PASS' if ok else 'FAIL'}",
         "",
         f"machine: {machine()}",
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, driver {_driver_version()}",
         f"GPUs: {gpus}",
-        f"took {seconds:.0f} s",
+        f"took {seconds:.0f} s{' (--quick)' if quick else ''}",
         "",
         f"## CUDA tests (`pytest -m cuda`): {'passed' if tests_ok else 'FAILED'}",
         "",
@@ -317,12 +378,38 @@ def _report(count: int, tests_ok: bool, tests_text: str, rows: list[Row], second
         for name, a, b in ratios
         if a in medians and b in medians
     ]
+    if missing:
+        described = offline.describe(missing)
+        lines += ["", "Missing packages (their tests were skipped):", "", "```", described, "```"]
     if count < 2:
         lines += [
             "",
             "One GPU: the multi-GPU rows (dp on 2 GPUs, GPU+GPU split, pipeline across GPUs, NCCL) need two.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's version: NVML, else nvidia-smi, else "unknown"."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:
+        pass
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        first = done.stdout.strip().splitlines()[:1] if done.returncode == 0 else []
+        return first[0] if first else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _gib(n: int) -> str:

@@ -45,6 +45,31 @@ class TransformerConfig:
 
 
 @dataclass
+class CausalLMConfig:
+    """A causal LM fine-tuned with LoRA (examples/causal_lm.py); ``lora_r: 0`` trains every weight."""
+
+    _target_: str = "examples.causal_lm.CausalLM"
+    pretrained: str | None = None
+    arch: str = "llama"
+    vocab_size: int = 16
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    max_len: int = 64
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    device_map: Any = None
+    lr: float = 1e-3
+    example_shape: list[int] = field(default_factory=lambda: [1, 16])
+
+
+@dataclass
 class DigitsDataConfig:
     _target_: str = "examples.data.DigitsDataModule"
     as_images: bool = False
@@ -97,5 +122,6 @@ def register_app_configs() -> None:
     store.store(group="schema/model", name="mlp", node=MLPConfig)
     store.store(group="schema/model", name="cnn", node=CNNConfig)
     store.store(group="schema/model", name="transformer", node=TransformerConfig)
+    store.store(group="schema/model", name="causal_lm", node=CausalLMConfig)
     store.store(group="schema/data", name="digits", node=DigitsDataConfig)
     store.store(group="schema/data", name="tokens", node=TokensDataConfig)

@@ -1,7 +1,13 @@
-"""Shared fixtures: mocked CUDA inventories and Hydra composition of the example app."""
+"""Shared fixtures: mocked CUDA inventories and Hydra composition of the example app.
+
+Hydra (hydra-core, omegaconf) is imported lazily: on a machine without it (the GPU machine of
+``make gpu-check``), the test modules that need it are skipped with a reason, and every other test runs.
+"""
 
 from __future__ import annotations
 
+import importlib
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -12,15 +18,48 @@ import lightning.fabric.accelerators.cuda
 import lightning.pytorch.accelerators.cuda
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from examples.schema import register_app_configs
 from lightning_gpupar.devices import GPUInfo
 from lightning_gpupar.devices import requests as devices
 from tests.helpers.markers import GiB
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _missing(*modules: str) -> str | None:
+    """The first of ``modules`` that cannot be imported."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
+#: What the Hydra tests need and is not installed (None: all of it is).
+HYDRA_MISSING = _missing("hydra", "omegaconf")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    """Without Hydra, a test module whose import needs it is skipped with the reason, not an error."""
+    if HYDRA_MISSING is None:
+        return None
+    return _HydraOptionalModule.from_parent(parent, path=module_path)
+
+
+class _HydraOptionalModule(pytest.Module):
+    def _getobj(self) -> Any:
+        try:
+            return super()._getobj()
+        except self.CollectError as err:
+            if not re.search(r"No module named '(hydra|omegaconf)'", str(err)):
+                raise
+            pytest.skip(
+                f"needs {HYDRA_MISSING} (hydra-core, omegaconf); `python benchmarks/gpu_check.py` prints how "
+                "to install them offline",
+                allow_module_level=True,
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -81,8 +120,13 @@ def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[GPUInfo]]:
 
 
 @pytest.fixture
-def compose_app() -> Iterator[Callable[..., DictConfig]]:
+def compose_app() -> Iterator[Callable[..., Any]]:
     """Compose the example app's config with overrides, as `python examples/train.py ...` would."""
+    pytest.importorskip("hydra")
+    from hydra import compose, initialize_config_dir
+
+    from examples.schema import register_app_configs
+
     register_app_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         yield lambda *overrides: compose("config", overrides=list(overrides))

@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
+from lightning_gpupar.checkpoint.adapters import adapter_record
 from lightning_gpupar.checkpoint.io import AtomicCheckpointIO
 from lightning_gpupar.checkpoint.keys import CheckpointError, normalize_state_dict
 from lightning_gpupar.checkpoint.matching import load_state_dict_flexible, remap_state_dict
@@ -59,6 +60,14 @@ class CanonicalCheckpointMixin(_Base):
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         _state_dict_of(checkpoint, checkpoint_path)  # fail here, in words, not in Lightning's migration
         return checkpoint
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if "state_dict" in checkpoint and self.lightning_module is not None:
+            checkpoint = {**checkpoint, **adapter_record(self.lightning_module)}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -100,7 +109,7 @@ class _NormalizingCheckpointIO(CheckpointIO):
     ) -> None:
         if "state_dict" in checkpoint:
             state_dict = normalize_state_dict(checkpoint["state_dict"], self.module)
-            checkpoint = {**checkpoint, "state_dict": state_dict}
+            checkpoint = {**checkpoint, "state_dict": state_dict, **adapter_record(self.module)}
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     @override

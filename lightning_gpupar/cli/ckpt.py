@@ -3,6 +3,7 @@
     gpupar-ckpt inspect RUN.ckpt
     gpupar-ckpt export RUN.ckpt OUT.pt --submodule model          # net.load_state_dict(torch.load("OUT.pt"))
     gpupar-ckpt export RUN.ckpt OUT.safetensors --submodule model # safetensors: the extension chooses
+    gpupar-ckpt export RUN.ckpt ADAPTER_DIR --submodule model --trainable-only --format safetensors
     cat RUN.ckpt | gpupar-ckpt inspect -                          # '-' (or /dev/stdin): read a pipe
 
 OUT's extension chooses the format (.safetensors, or .pt/.pth/.bin/.ckpt for torch.save; others: pt);
@@ -31,6 +32,7 @@ from lightning_gpupar.checkpoint import (
     submodule_candidates,
     submodule_state_dict,
 )
+from lightning_gpupar.checkpoint.adapters import PEFT_CONFIG, trainable_export, write_trainable
 from lightning_gpupar.checkpoint.io import atomic_write, load_checkpoint_bytes
 
 _LIGHTNING_SCALARS = ("epoch", "global_step", "pytorch-lightning_version")
@@ -110,13 +112,28 @@ def export(args: argparse.Namespace) -> int:
                 f"No submodule {args.submodule!r} in {str(source)!r}. "
                 f"Candidates: {', '.join(candidates[:20]) or 'none (all tensors sit at the top level)'}."
             )
+        if args.trainable_only:
+            return _export_trainable(checkpoint, state_dict, args.submodule, out, fmt)
         state_dict = submodule_state_dict(state_dict, args.submodule)
+    elif args.trainable_only:
+        return _export_trainable(checkpoint, state_dict, None, out, fmt)
     if fmt == "safetensors":
         _save_safetensors(state_dict, out)
     else:
         atomic_torch_save(state_dict, out)
     written = f"Wrote {len(state_dict)} tensors to {str(out)!r} as {fmt} ({chosen_by})"
     print(f"{written}; read it with {READ_BACK[fmt]}.")
+    return 0
+
+
+def _export_trainable(
+    checkpoint: Any, state_dict: Mapping[str, Any], submodule: str | None, out: Path, fmt: str
+) -> int:
+    """Only the tensors that train (a PEFT adapter under its own keys, with its config beside it)."""
+    tensors, config = trainable_export(checkpoint, state_dict, submodule)
+    written = write_trainable(tensors, config, out, fmt)
+    extra = f" and {PEFT_CONFIG}" if config is not None else ""
+    print(f"Wrote {len(tensors)} trainable tensors to {written}{extra} ({fmt}).")
     return 0
 
 
@@ -207,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
         help="pt (torch.save) or safetensors; default: by OUT's extension (.safetensors; else pt)",
     )
     out.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    out.add_argument(
+        "--trainable-only",
+        action="store_true",
+        help="only the tensors that train; a PEFT adapter under PEFT's keys, adapter_config.json beside it "
+        "(OUT a directory: adapter_model.safetensors/.bin inside, as PeftModel.from_pretrained reads)",
+    )
     out.set_defaults(run=export)
     return parser
 

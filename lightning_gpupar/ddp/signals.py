@@ -1,23 +1,6 @@
 """SIGTERM for our DDP runs: every rank hears it, every rank stops after the same step, exit is bounded.
 
-Lightning's handler (``_SignalConnector._sigterm_notifier_fn``) sends the signal on to the launcher's
-children and then calls ``dist.broadcast`` inside the signal handler. The handler runs between two
-bytecodes of the main thread, wherever training is, so that broadcast can pair with another rank's
-gradient all-reduce or with its own handler's broadcast: the ranks then wait for each other until the
-process group's timeout (30 minutes by default). A SIGTERM that reaches a child rank only is never seen by
-rank 0, which keeps training. And Lightning's loops raise their SIGTERM exception at the end of a step on
-each rank that has its flag (``trainer.received_sigterm``) set: a rank that heard the signal later than
-another has left that check behind and meets the stopped rank in the next step's collectives, where it
-fails with "Connection closed by peer" instead of stopping.
-
-The connector here changes the handler: it runs no collective; it notes the signal (``heard_sigterm``),
-forwards it once (rank 0 to its children, a child to the process that launched it), takes rank 0's
-children out of Lightning's process observer (which would SIGKILL rank 0 when a child exits non-zero,
-cutting short its checkpoint), and starts a deadline: a rank still running ``SIGTERM_EXIT_DEADLINE_S``
-seconds later kills its children and exits with 128 + the signal number. Lightning's flag is set only by
-:meth:`DDPSignalConnector.agree`, which every rank calls at the start of every training step (a one-number
-all-reduce): once any rank has heard the signal, every rank sets the flag in the same step, so every rank
-stops at that step's end, together.
+How it works: docs/internals.md, section ``lightning_gpupar/ddp/signals.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -54,11 +37,13 @@ class DDPSignalConnector(_SignalConnector):
     def __init__(self, trainer: pl.Trainer) -> None:
         super().__init__(trainer)
         self.heard_sigterm = False  #: this rank received SIGTERM; the ranks agree on it in :meth:`agree`
+        self._pending: _AsyncMax | None = None  #: the agreement started at the previous step
 
     @override
     def register_signal_handlers(self) -> None:
         super().register_signal_handlers()
         self.heard_sigterm = False
+        self._pending = None
 
     @override
     def _sigterm_notifier_fn(self, signum: Any, _: FrameType | None) -> None:
@@ -70,13 +55,51 @@ class DDPSignalConnector(_SignalConnector):
         _start_deadline(SIGTERM_EXIT_DEADLINE_S, 128 + int(signum), children)
 
     def agree(self, device: torch.device) -> None:
-        """Called by every rank at the start of every training step: Lightning's flag is set on every rank
-        when any rank has heard SIGTERM, so every rank stops at the end of this step."""
+        """Called by every rank at the start of every training step: read the agreement started at the
+        previous step (Lightning's flag is set on every rank when any rank had heard SIGTERM by then, so
+        every rank stops at the end of this step), then start the next one. Nothing here blocks: the
+        all-reduce runs while the step does, and is read a step later."""
         if self.received_sigterm or not dist.is_available() or not dist.is_initialized():
             return  # once set, it is set on every rank: no more collectives
-        heard = torch.tensor([int(self.heard_sigterm)], device=device)
-        dist.all_reduce(heard, op=dist.ReduceOp.MAX)
-        self.received_sigterm = bool(heard.item())
+        if self._pending is not None:
+            self.received_sigterm, self._pending = self._pending.result(), None
+            if self.received_sigterm:
+                return
+        self._pending = _AsyncMax(self.heard_sigterm, device)
+
+
+class _AsyncMax:
+    """An asynchronous all-reduce (MAX) of one flag, read later without a host sync on the GPU.
+
+    On CUDA the result is copied to pinned host memory on a side stream that waits for the collective
+    only; :meth:`result` waits for that copy's event, long done by the next step (``cudaEventSynchronize``
+    is not one of the syncs ``torch.cuda.set_sync_debug_mode`` reports, and it does not wait for the
+    step's own work queued since).
+    """
+
+    _side_streams: ClassVar[dict[torch.device, torch.cuda.Stream]] = {}
+
+    def __init__(self, flag: bool, device: torch.device) -> None:
+        self.value = torch.zeros(1, dtype=torch.int32, device=device)
+        if flag:
+            self.value.fill_(1)  # a kernel with a scalar argument: no copy from the host
+        self.work = dist.all_reduce(self.value, op=dist.ReduceOp.MAX, async_op=True)
+        self.host, self.copied = self.value, None
+        if device.type == "cuda":
+            side = self._side_streams.setdefault(device, torch.cuda.Stream(device))
+            with torch.cuda.stream(side):
+                self.work.wait()  # the side stream (not the step's) waits for the collective
+                self.host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+                self.host.copy_(self.value, non_blocking=True)
+                self.copied = side.record_event()
+
+    def result(self) -> bool:
+        """Whether any rank's flag was set."""
+        if self.copied is None:
+            self.work.wait()
+        else:
+            self.copied.synchronize()
+        return bool(self.host[0])
 
 
 def install(trainer: pl.Trainer) -> None:

@@ -1,15 +1,6 @@
 """What replicas log and the metrics they update, merged into the root module once per step.
 
-Replicas run in worker threads; Lightning's logging is not thread-safe and a replica's metric updates die
-with the replica. So each replica's ``self.log`` is a :class:`LogRecorder`, and after the step the caller's
-thread logs each name once on the root module:
-
-* numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size, or by the
-  replicas' ``batch_size=`` where given (so the value equals the full batch's mean), ``sum``, ``max`` or
-  ``min``; the root logs the whole batch's ``batch_size`` (the replicas' sum), which weighs epoch means;
-* torchmetrics ``Metric`` states are moved to the root metric's device and merged into it
-  (``Metric.merge_state``) in sample order, so list states (``CatMetric``) match one device's; the logged
-  value is the root's metric, whose step value is computed from the whole batch.
+How it works: docs/internals.md, section ``lightning_gpupar/dp/replica_results.py``.
 """
 
 from __future__ import annotations
@@ -115,19 +106,32 @@ def logged_metric_ids(recorders: Sequence[LogRecorder]) -> set[int]:
     return {id(c["value"]) for r in recorders for c in r.calls if isinstance(c["value"], Metric)}
 
 
-def _combine(name: str, values: list[tuple[int, Any]], reduce_fx: Any, device: torch.device) -> Tensor:
+def _combine(
+    name: str, values: list[tuple[int, Any]], reduce_fx: Any, device: torch.device
+) -> Tensor | float:
+    """The replicas' values of ``name`` combined by ``reduce_fx``, without waiting for the GPU: numbers are
+    combined on the host, tensors on ``device`` with the weights as Python scalars (a tensor made from a
+    number on a GPU would be a host-to-device copy that blocks, once per logged value per step)."""
     reduction = _REDUCTIONS.get(reduce_fx) if isinstance(reduce_fx, str) else _REDUCTIONS_BY_FN.get(reduce_fx)
     if reduction is None:
         raise ValueError(
             f"self.log({name!r}, reduce_fx={reduce_fx!r}) under strategy=dp: values logged by replicas can "
             "be combined with reduce_fx 'mean', 'sum', 'max' or 'min' (or torch.mean/sum/max/min)."
         )
-    tensors = [torch.as_tensor(v).to(device).reshape(()) for _, v in values]
+    if not any(isinstance(v, Tensor) for _, v in values):  # numbers: the host combines them
+        numbers = [float(v) for _, v in values]
+        if reduction == "mean":
+            return sum(w * v for (w, _), v in zip(values, numbers, strict=True)) / sum(w for w, _ in values)
+        return sum(numbers) if reduction == "sum" else max(numbers) if reduction == "max" else min(numbers)
+    tensors = [
+        v.to(device).reshape(()) if isinstance(v, Tensor) else torch.full((), float(v), device=device)
+        for _, v in values
+    ]
     dtype = tensors[0].dtype if tensors[0].is_floating_point() else torch.get_default_dtype()
     stacked = torch.stack([t.to(dtype) for t in tensors])
-    weights = torch.tensor([float(w) for w, _ in values], device=device, dtype=dtype)
     if reduction == "mean":
-        return (stacked * weights).sum() / weights.sum()
+        total = float(sum(w for w, _ in values))
+        return torch.stack([t * (float(w) / total) for t, (w, _) in zip(stacked, values, strict=True)]).sum()
     if reduction == "sum":
         return stacked.sum()
     return stacked.max() if reduction == "max" else stacked.min()

@@ -1,23 +1,6 @@
 """Deferred BatchNorm: running statistics updated once per step from all of a pipeline's micro-batches.
 
-A pipeline calls each BatchNorm layer once per micro-batch. Left alone, the layer would update its
-running mean and variance ``chunks`` times a step, each time from one micro-batch (and count ``chunks``
-batches), so after training they differ from the unsplit model's. :class:`DeferredBatchNorms` (the idea of
-torchgpipe's ``deferred_batch_norm``) changes that for the layers of a pipeline's stages:
-
-- in training, each micro-batch is still *normalised* on its own statistics (the layer's forward runs with
-  its running statistics hidden, so it updates nothing): the batch statistics of the whole batch are not
-  known before the last micro-batch has run, and waiting for them would serialise the pipeline;
-- meanwhile the per-channel count, mean and sum of squared deviations of every micro-batch's input are
-  combined (Chan et al.'s parallel algorithm, exact in any order); at the end of the step
-  (:meth:`DeferredBatchNorms.step`) the running mean, the unbiased running variance and
-  ``num_batches_tracked`` are updated once, as the unsplit layer updates them from the whole batch. A
-  ``SyncBatchNorm`` in a distributed run first combines the statistics of all processes of its group;
-- in evaluation the layers use their running statistics as always; a recomputed stage (``checkpoint=``)
-  runs in backward, outside any step, and adds nothing twice.
-
-Nothing is registered on the modules: their class, buffers and checkpoint keys stay those of plain
-BatchNorm. Layers with ``track_running_stats=False`` have no running statistics and are left alone.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/batchnorm.py``.
 """
 
 from __future__ import annotations
@@ -44,9 +27,13 @@ def batch_norms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
 
 @dataclass
 class _Moments:
-    """Per-channel statistics of the samples seen so far: their count, mean and sum of squared deviations."""
+    """Per-channel statistics of the samples seen so far: their count, mean and sum of squared deviations.
 
-    count: Tensor
+    The count stays a Python number on the host (a tensor only once gathered from other processes): making
+    it a CUDA tensor from a number would copy from the host and wait for the GPU, per layer and micro-batch.
+    """
+
+    count: Tensor | float
     mean: Tensor
     m2: Tensor
 
@@ -55,16 +42,15 @@ class _Moments:
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         dims = [d for d in range(x.dim()) if d != 1]
-        count = torch.tensor(x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        count = float(x.numel() // x.shape[1])  # shapes are known on the host: no GPU round trip
         mean = x.mean(dims)
         shape = [1, -1] + [1] * (x.dim() - 2)
         return cls(count, mean, ((x - mean.view(shape)) ** 2).sum(dims))
 
     def add(self, other: _Moments) -> _Moments:
         """Chan et al.'s combination of two disjoint sets of samples."""
-        other = _Moments(
-            *(t.to(self.mean.device, self.mean.dtype) for t in (other.count, other.mean, other.m2))
-        )
+        like = self.mean
+        other = _Moments(_to(other.count, like), other.mean.to(like), other.m2.to(like))
         count = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * other.count / count
@@ -90,7 +76,11 @@ class DeferredBatchNorms:
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
-        """Collect the statistics of the micro-batches run inside the block; commit them once at its end."""
+        """Collect the statistics of the micro-batches run inside the block; commit them once at its end.
+
+        The commit runs on the caller's current stream and reads statistics computed on the pipeline's
+        compute streams: the block must end with the caller's streams waiting for those
+        (``DeviceStreams.end``), or the commit may read half-written statistics."""
         self.collecting, self._moments = True, {}
         try:
             yield
@@ -131,7 +121,9 @@ def _across_processes(layer: _BatchNorm, moments: _Moments) -> _Moments:
     size = dist.get_world_size(group)
     if size == 1:
         return moments
-    local = torch.cat([moments.count.view(1), moments.mean, moments.m2])
+    count = moments.count
+    count = count.view(1) if isinstance(count, Tensor) else moments.mean.new_full((1,), count)
+    local = torch.cat([count.to(moments.mean.dtype), moments.mean, moments.m2])
     gathered = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(gathered, local, group=group)
     channels = moments.mean.numel()
@@ -147,11 +139,23 @@ def _commit(layer: _BatchNorm, moments: _Moments) -> None:
     """One running-statistics update from ``moments``, exactly as the layer's forward on the whole batch."""
     assert layer.running_mean is not None and layer.running_var is not None
     assert layer.num_batches_tracked is not None
+    for tensor in (moments.count, moments.mean, moments.m2):  # made on the pipeline's streams, read here
+        if isinstance(tensor, Tensor) and tensor.is_cuda:
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
     layer.num_batches_tracked.add_(1)
-    # momentum=None: a cumulative moving average, as torch's forward computes it
-    factor = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
-    count = moments.count.clamp(min=2)  # torch's own update divides by n - 1 as well
-    unbiased = moments.m2 / (count - 1)
+    # torch's own update divides by n - 1 as well
+    count = moments.count.clamp(min=2) if isinstance(moments.count, Tensor) else max(moments.count, 2.0)
+    unbiased = (moments.m2 / (count - 1)).to(layer.running_var.dtype)
     mean = moments.mean.to(layer.running_mean.dtype)
-    layer.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    layer.running_var.mul_(1 - factor).add_(unbiased.to(layer.running_var.dtype), alpha=factor)
+    if layer.momentum is None:  # a cumulative moving average, on the device (float() would wait for it)
+        factor = layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
+        layer.running_mean.add_((mean - layer.running_mean) * factor)
+        layer.running_var.add_((unbiased - layer.running_var) * factor)
+        return
+    layer.running_mean.mul_(1 - layer.momentum).add_(mean, alpha=layer.momentum)
+    layer.running_var.mul_(1 - layer.momentum).add_(unbiased, alpha=layer.momentum)
+
+
+def _to(value: Tensor | float, like: Tensor) -> Tensor | float:
+    """``value`` on ``like``'s device and dtype; a Python number stays one."""
+    return value.to(like.device, like.dtype) if isinstance(value, Tensor) else value

@@ -10,6 +10,7 @@ SLURM), the ranks compare their plans (:func:`check_same_plan`) before anything 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,7 +67,7 @@ def plan_from_json(
     entries = tuple(
         _reposition(e, positions[(e.path, True)]) if (e.path, True) in positions else e for e in plan.entries
     )
-    return PlacementPlan(plan.devices, entries, output, plan.caps, plan.sources, plan.tied)
+    return dataclasses.replace(plan, entries=entries, output_position=output)
 
 
 def _reposition(entry: PlacedModule, position: int) -> PlacedModule:

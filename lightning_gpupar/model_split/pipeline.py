@@ -183,8 +183,9 @@ class Pipeline:
         data: list[Any] = list(shards)
         ready: list[torch.cuda.Event | None] = [start] * len(shards)  # data[i] is valid once ready[i] fired
         norms = self.batch_norms.step() if self.batch_norms is not None else contextlib.nullcontext()
-        trace = self.trace if self.trace is not None and self.trace.begin_call() else None
-        with norms:
+        devices = [p.device for p in self.partitions]
+        trace = self.trace if self.trace is not None and self.trace.begin_call(devices) else None
+        with norms:  # commits the deferred BatchNorm statistics at its end, on the caller's stream ...
             for tick in gpipe_schedule(len(shards), len(self.partitions)):
                 for i, j in tick:
                     p = self.partitions[j]
@@ -192,8 +193,8 @@ class Pipeline:
                         data[i], ready[i] = trace.run(self._run, i, j, p.device, p, data[i], ready[i], j == 0)
                     else:
                         data[i], ready[i] = self._run(p, data[i], ready[i], first=j == 0)
-        outputs = [streams.deliver(d, r, self.output_device) for d, r in zip(data, ready, strict=True)]
-        streams.end()
+            outputs = [streams.deliver(d, r, self.output_device) for d, r in zip(data, ready, strict=True)]
+            streams.end()  # ... so first the caller's streams wait for the streams that computed them
         return gather_outputs(outputs, sizes, self.output_device)
 
     def _run(
@@ -203,7 +204,11 @@ class Pipeline:
         data, ready = self.streams.transfer(data, ready, partition.device)
         where = f"pipeline stage {partition.names()} on {partition.device}"
         with self.streams.compute(partition.device, data, ready), StopIterationAsError(where):
+            if self.trace is not None:  # on CUDA: an event once the compute stream has its input
+                self.trace.mark_start(partition.device)
             data = run_partition(partition, data, first)
+            if self.trace is not None:
+                self.trace.mark_end(partition.device)
         return data, self.streams.record(partition.device)
 
 

@@ -1,19 +1,6 @@
 """Placement plans: which submodule of a model lives on which device, computed before anything moves.
 
-A placement maps submodule paths (ranges allowed, :mod:`~lightning_gpupar.model_split.paths`) to positions
-in a device list (the Trainer's devices)::
-
-    {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
-
-``"auto"`` walks the module tree and balances the memory training needs over the devices
-(:mod:`~lightning_gpupar.model_split.balance.by_memory`), under optional per-position caps
-(``max_memory``). Every plan
-carries each entry's training memory (:mod:`~lightning_gpupar.model_split.memory`): parameters, buffers,
-gradients, optimizer state and activations.
-
-A plan is computed from the module tree alone (sizes come from ``numel * element_size``, activations from a
-forward on the meta device), so it works on a model built on the meta device and allocates nothing;
-:mod:`~lightning_gpupar.model_split.hooks` applies it.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/plan.py``.
 """
 
 from __future__ import annotations
@@ -112,13 +99,18 @@ class PlacementPlan:
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # how each part was found
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)  # shared parameter -> its owner
     precision: tuple[StagePrecision, ...] = ()  # under mixed precision: how each position computes
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module registered twice -> first
 
     @property
     def output_device(self) -> torch.device:
         return self.devices[self.output_position]
 
     def position_of(self, path: str) -> int | None:
-        """The position of the entry holding ``path`` (the entry itself or an ancestor), if any."""
+        """The position of the entry holding ``path`` (the entry itself or an ancestor), if any; ``path`` may
+        name a module (or a state-dict key) through any of the names the module is registered under."""
+        for alias, first in self.aliases.items():
+            if is_within(path, alias):
+                path = first + path[len(alias) :]
         for entry in self.entries:
             if not entry.own_only and is_within(path, entry.path):
                 return entry.position
@@ -163,6 +155,18 @@ class PlacementPlan:
             name += " [default]" if e.source == "default" else ""
             where = str(self.devices[e.position])
             rows.append((name, str(e.position), where, f"{e.num_params:,}", format_bytes(e.num_bytes)))
+        for alias, first in self.aliases.items():
+            position = self.position_of(first)
+            if position is not None:
+                rows.append(
+                    (
+                        f"{alias} (same module as {first})",
+                        str(position),
+                        str(self.devices[position]),
+                        "0",
+                        "0 B",
+                    )
+                )
         rows.append(("", "", "", "", ""))
         params = [0] * len(self.devices)
         for e in self.entries:
@@ -263,7 +267,23 @@ def plan_placement(
     if output_device is None:
         placed = [e for e in entries if e.source != "default" and not e.own_only] or entries
         output_device = placed[-1].position if placed else 0
-    return PlacementPlan(devices, tuple(entries), output_device, tuple(caps), memory.sources, memory.tied)
+    aliases = module_aliases(root)
+    return PlacementPlan(
+        devices, tuple(entries), output_device, tuple(caps), memory.sources, memory.tied, aliases=aliases
+    )
+
+
+def module_aliases(root: nn.Module) -> dict[str, str]:
+    """Each further name of a module holding tensors registered under several (``nn.Sequential(layer,
+    layer)``) -> its first name; names below an alias are left out (they follow from it)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        if id(module) not in first:
+            first[id(module)] = path
+        elif holds_tensors(module) and not any(is_within(path, alias) for alias in aliases):
+            aliases[path] = first[id(module)]
+    return aliases
 
 
 def _with_memory(root: nn.Module, entries: list[PlacedModule], memory: ModelMemory) -> list[PlacedModule]:
@@ -391,13 +411,13 @@ def _auto(
         units = [(u.path, u.own_only) for u in _units(root, list(stages))]
     else:
         units = auto.walk_units(root, memory, caps, keep_whole)
-    key = auto.execution_order(root, memory)
-    units.sort(key=lambda u: (key[u[0]], not u[1]))
-    chain = auto.chain_units(root, units, memory)
     try:
-        positions = partition(chain, caps)
-    except auto.NoFit:
-        raise PlacementError(_no_fit_message(root, devices, chain, caps, keep_whole, set(no_split))) from None
+        chain, positions = auto.search(
+            root, units, memory, caps, None if stages is not None else keep_whole, partition
+        )
+    except auto.NoFit as no_fit:
+        message = _no_fit_message(root, devices, no_fit.chain, caps, keep_whole, set(no_split))
+        raise PlacementError(message) from None
     entries = []
     for unit, position in zip(chain, positions, strict=True):
         for path, own_only in unit.units:

@@ -1,22 +1,6 @@
 """A picture of the pipeline's schedule: when each partition ran each micro-batch, forward and backward.
 
-``trace=PATH`` (:class:`PipelineTrace`) skips the first training call (warm-up), then records ``steps``
-calls of the pipeline:
-
-- every forward of micro-batch ``i`` on partition ``j`` runs inside
-  ``torch.profiler.record_function("pipeline forward p{j} mb{i}")`` and is timed;
-- its backward is timed through hooks on the autograd nodes that forward created (from the partition's
-  outputs back to its inputs): the first node to run starts it, the last to finish ends it;
-- torch's profiler runs meanwhile, so ``PATH.json`` is a Chrome trace (open it in Perfetto or
-  ``chrome://tracing``) holding torch's own events, the forward labels, and a "pipeline schedule" process
-  with one row per partition and a box per micro-batch, forward and backward;
-- ``PATH.png`` (needs matplotlib: ``pip install 'lightning-gpupar[plot]'``) draws the first recorded step
-  as in the GPipe paper: devices as rows, micro-batches as coloured boxes (backward hatched);
-- the measured bubble fraction (the share of the step each partition was idle, averaged) and each
-  partition's utilisation are printed.
-
-Times are host times: exact on the CPU; on CUDA they show when work was queued (the profiler's own CUDA
-rows in the Chrome trace show when it ran).
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/trace.py``.
 """
 
 from __future__ import annotations
@@ -49,6 +33,8 @@ class Span:
     microbatch: int
     start: float
     end: float
+    #: CUDA: the events marking the span's start(s) and end(s); start and end are set from them at finish
+    events: tuple[list[torch.cuda.Event], list[torch.cuda.Event]] | None = None
 
 
 class PipelineTrace:
@@ -64,11 +50,15 @@ class PipelineTrace:
         self.done = False
         self.profiler: torch.profiler.profile | None = None
         self._step = -1
+        self._recording = False
+        self._marks: dict[torch.device, list[torch.cuda.Event]] = {}  # the running forward's CUDA events
+        self._references: dict[tuple[int, torch.device], tuple[float, torch.cuda.Event]] = {}
 
     # -------------------------------------------------------------------------------------- recording
 
-    def begin_call(self) -> bool:
+    def begin_call(self, devices: Iterable[torch.device] = ()) -> bool:
         """Called at each pipeline call: whether to record this one (training calls only)."""
+        self._recording = False
         if self.done or not torch.is_grad_enabled():
             return False
         self.calls += 1
@@ -84,7 +74,21 @@ class PipelineTrace:
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
         self._step = self.calls - self.warmup - 1
+        for device in dict.fromkeys(d for d in devices if d.type == "cuda"):
+            torch.cuda.synchronize(device)  # the device is idle: its next event fires now
+            reference = _event(device)
+            self._references[(self._step, device)] = (time.perf_counter(), reference)
+        self._recording = True
         return True
+
+    def mark_start(self, device: torch.device) -> None:
+        """Inside a partition's compute stream, before its stages (CUDA: records an event)."""
+        if self._recording and device.type == "cuda":
+            self._marks[device] = [_event(device)]
+
+    def mark_end(self, device: torch.device) -> None:
+        if self._recording and device.type == "cuda" and device in self._marks:
+            self._marks[device].append(_event(device))
 
     def run(
         self, run: Callable[..., tuple[Any, Any]], i: int, j: int, device: torch.device, *args: Any
@@ -95,11 +99,20 @@ class PipelineTrace:
             start = time.perf_counter()
             result = run(*args)
             end = time.perf_counter()
-        self.spans.append(Span(self._step, "forward", j, str(device), i, start, end))
-        self._watch_backward(result[0], inputs, Span(self._step, "backward", j, str(device), i, 0.0, 0.0))
+        span = Span(self._step, "forward", j, str(device), i, start, end)
+        marks = self._marks.pop(device, [])
+        if device.type == "cuda" and len(marks) == 2:
+            span.events = ([marks[0]], [marks[1]])
+        self.spans.append(span)
+        backward = Span(self._step, "backward", j, str(device), i, 0.0, 0.0)
+        if device.type == "cuda":
+            backward.events = ([], [])
+        self._watch_backward(result[0], inputs, backward, device)
         return result
 
-    def _watch_backward(self, outputs: Any, boundary: set[Any], span: Span) -> None:
+    def _watch_backward(
+        self, outputs: Any, boundary: set[Any], span: Span, device: torch.device | None = None
+    ) -> None:
         """Hook every autograd node between the partition's outputs and its inputs (parameters excluded)."""
         nodes, todo = [], list(_grad_nodes(outputs))
         seen: set[Any] = set()
@@ -117,9 +130,13 @@ class PipelineTrace:
 
         def started(*_: Any) -> None:
             span.start = min(span.start, time.perf_counter())
+            if span.events is not None and device is not None:  # on the node's stream, current here
+                span.events[0].append(_event(device))
 
         def ended(*_: Any) -> None:
             span.end = max(span.end, time.perf_counter())
+            if span.events is not None and device is not None:
+                span.events[1].append(_event(device))
 
         for node in nodes:
             node.register_prehook(started)
@@ -135,6 +152,7 @@ class PipelineTrace:
         if self.profiler is None:
             return
         self.profiler.__exit__(None, None, None)
+        self._gpu_times()
         spans = [s for s in self.spans if s.end >= s.start > 0]
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         self.profiler.export_chrome_trace(str(self.json_path))
@@ -143,6 +161,29 @@ class PipelineTrace:
         lines.append(_plot(spans, self.png_path))
         lines += summary(spans)
         rank_zero_info("\n".join(lines))
+
+    def _gpu_times(self) -> None:
+        """CUDA spans: start and end from their events, on the host clock (class docstring)."""
+        if not self._references:
+            return
+        torch.cuda.synchronize()
+        for span in self.spans:
+            device = torch.device(span.device)
+            reference = self._references.get((span.step, device))
+            if span.events is None or reference is None or not all(span.events):
+                continue
+            host, event = reference
+            starts = [host + event.elapsed_time(e) / 1e3 for e in span.events[0]]
+            ends = [host + event.elapsed_time(e) / 1e3 for e in span.events[1]]
+            span.start, span.end = min(starts), max(ends)
+            span.events = None
+
+
+def _event(device: torch.device) -> torch.cuda.Event:
+    """A timing event recorded now on ``device``'s current stream."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def utilisation(spans: Iterable[Span]) -> dict[int, float]:

@@ -102,7 +102,8 @@ def test_signal_ends_the_run(
 
 def test_sigterm_heard_late_by_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
     """Rank 1 hears SIGTERM after rank 0 has left the step: the ranks still agree on where to stop (the
-    next step's end), and rank 0 saves the checkpoint and exits 143 instead of crashing in a collective."""
+    end of the step after next), and rank 0 saves the checkpoint and exits 143 instead of crashing in a
+    collective."""
     run_dir = tmp_path / "run"
     proc = start(
         run_dir,
@@ -115,4 +116,6 @@ def test_sigterm_heard_late_by_one_rank_stops_every_rank_after_the_same_step(tmp
     assert code == 128 + signal.SIGTERM, output(run_dir)[-3000:]
     interrupted = run_dir / "checkpoints" / "last-interrupted.ckpt"
     assert interrupted.exists(), output(run_dir)[-3000:]
-    assert progress(interrupted) == (0, 4)  # the step after the one rank 1 heard it in, on every rank
+    # rank 1 heard it in step 3; the agreement started at step 4's start carries it and is read, without
+    # blocking, at step 5's start: every rank stops at the end of step 5 (the old blocking one: step 4)
+    assert progress(interrupted) == (0, 5)

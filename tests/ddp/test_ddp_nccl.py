@@ -76,3 +76,18 @@ def test_nccl_ddp_split_one_process_two_gpus_matches_one_device(tmp_path: Path, 
     assert rank["devices"] == ["cuda:0", "cuda:1"]
     assert rank["microbatch_sizes"] == [PER_RANK_BATCH // chunks] * (chunks * STEPS)
     _assert_matches(ranks)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_nccl_ddp_split_one_process_on_one_gpu_twice_matches_one_device(tmp_path: Path, chunks: int) -> None:
+    """The one-GPU variant of the test above: the group [cuda:0, cuda:0] under NCCL (the unbound process
+    group, ``barrier(device_ids)``, the plan check, DDP over a module on several device entries)."""
+    args = [str(tmp_path), str(STEPS), str(PER_RANK_BATCH), "ddp_split", "gpu", "1", str(chunks)]
+    args.append("cuda:0,cuda:0")
+    finished = run_bounded(python("equivalence.py", *args), timeout=240, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rank = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert rank["positions"] == {"net.0": 0, "net.2": 1}
+    assert rank["devices"] == ["cuda:0"]
+    assert rank["microbatch_sizes"] == [PER_RANK_BATCH // chunks] * (chunks * STEPS)
+    _assert_matches([rank])

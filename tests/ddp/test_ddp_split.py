@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from lightning_gpupar import DDPSplitStrategy, DDPStrategy
-from lightning_gpupar.config import build_trainer
 from lightning_gpupar.ddp.launcher import DDPLaunchError
 from lightning_gpupar.devices import GPUInfo
 from lightning_gpupar.model_split import PlacementError
 from tests.helpers.equivalence import TinyNet, make_data
+from tests.helpers.hydra_app import build_trainer
 from tests.helpers.programs.in_process import in_process_ddp
 from tests.helpers.trainer import QUIET as QUIET_TRAINER
 
-Compose = Callable[..., DictConfig]
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+Compose = Callable[..., "DictConfig"]
 QUIET: dict[str, Any] = {**QUIET_TRAINER, "max_steps": 1}
 
 

@@ -94,3 +94,31 @@ def test_without_nvml_falls_back_to_mem_get_info_and_says_so(
 
 def _fail(*args: Any) -> Any:
     raise AssertionError("torch was asked although NVML's order is CUDA's")
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo"],
+)
+def test_any_nvml_error_falls_back_to_torch_and_says_why(
+    query: str,
+    fake_nvml: FakeNVML,
+    cuda_contexts: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 23 point 7: NVML starts but a query fails (permissions, a lost GPU, a MIG parent):
+    device_ids=auto and gpupar-devices answer from torch and name the error, not a raw NVMLError."""
+    from lightning_gpupar.cli import devices as cli
+
+    fake_nvml(gpu(0, 10), gpu(1, 40))
+    monkeypatch.setenv("FAKE_NVML_ERROR_IN", query)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"t{i}"))
+    inventory = query_inventory()
+    assert inventory.source == "torch.cuda.mem_get_info"
+    assert inventory.note is not None and f"Insufficient Permissions ({query})" in inventory.note
+    assert resolve_devices("auto:1", "gpu").trainer_devices == [0]  # mem_get_info's fake: GPU 0 first
+    monkeypatch.setenv("COLUMNS", "300")
+    assert cli.main([]) == 0
+    assert f"Insufficient Permissions ({query})" in capsys.readouterr().out  # the source line says why

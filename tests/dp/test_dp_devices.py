@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig
 
 from lightning_gpupar import DataParallelStrategy
-from lightning_gpupar.config import build_trainer
 from lightning_gpupar.devices import GPUInfo
 from lightning_gpupar.dp.replicate import replicate
 from tests.helpers.equivalence import TinyNet
+from tests.helpers.hydra_app import build_trainer
 
-Compose = Callable[..., DictConfig]
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+Compose = Callable[..., "DictConfig"]
 
 
 def test_trainer_uses_exactly_the_named_gpus(fake_gpus: Callable[..., list[GPUInfo]]) -> None:

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from examples.models import TransformerNet
 from lightning_gpupar import ModelSplitStrategy
-from lightning_gpupar.config import build_trainer
 from lightning_gpupar.devices import GPUInfo
 from lightning_gpupar.model_split import ModelSplit, PlacementError
 from lightning_gpupar.model_split.pipeline import PipelineError
 from lightning_gpupar.strategies.split_mixin import optimizer_state_to_parameter_devices
+from tests.helpers.hydra_app import build_trainer
 from tests.helpers.markers import GiB, requires_cuda
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 MAP = {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
 #: The command line of the issue, exactly as written there.
@@ -278,6 +280,7 @@ def test_the_transformer_example_trains_split_and_pipelined(
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["test_loss"] > 0
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("second", ["cuda:0", "cpu"])
 def test_two_stages_on_a_gpu_equal_single_device(single: TokenNet, second: str) -> None:

@@ -202,6 +202,7 @@ def test_the_chain_check_leaves_batchnorm_running_statistics_alone() -> None:
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize(
     "devices",

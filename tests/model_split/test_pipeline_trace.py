@@ -103,3 +103,25 @@ def test_only_the_first_process_traces(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(rank_zero_only, "rank", 1)  # as in a ddp_split process of rank 1
     applied = ModelSplit(PLACEMENT, chunks=2, trace=str(tmp_path / "t")).apply(model(), CPU2, "t")
     assert applied.pipeline is not None and applied.pipeline.trace is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_spans_are_gpu_time_not_enqueue_time(tmp_path: Path) -> None:
+    """Issue 23 point 8: a stage that keeps the GPU busy ~10 ms (``torch.cuda._sleep``) but is queued in
+    microseconds: its forward spans last that long, so the bubble fraction comes from GPU time."""
+    gpu = torch.device("cuda", 0)
+    net = model()
+    net[0].register_forward_pre_hook(lambda module, args: torch.cuda._sleep(20_000_000))
+    applied = ModelSplit(PLACEMENT, chunks=2, trace=str(tmp_path / "schedule")).apply(net, [gpu, gpu], "t")
+    trace = applied.pipeline.trace  # type: ignore[union-attr]
+    assert trace is not None
+    x = torch.randn(16, 8, device=gpu)
+    for _ in range(1 + 3 + 1):
+        net(x).sum().backward()
+    slow = [s for s in trace.spans if s.phase == "forward" and s.partition == 0]
+    fast = [s for s in trace.spans if s.phase == "forward" and s.partition == 1]
+    assert slow and all(s.end - s.start > 2e-3 for s in slow)  # the sleep, on the GPU
+    assert all(s.end - s.start < min(x.end - x.start for x in slow) for s in fast)
+    for s in trace.spans:
+        assert s.end >= s.start > 0 and s.events is None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_gpupar.cli.plan import main
+from lightning_gpupar.cli.plan import compose_config, main, plan_for_config
 from lightning_gpupar.model_split import PlacementError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,34 @@ def test_runs_as_a_module_from_the_command_line() -> None:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr
     assert "model.blocks.0" in done.stdout and "activations: not counted" in done.stdout
+
+
+@pytest.mark.slow  # builds a transformers model on the meta device and runs its forward there
+def test_a_lora_plan_counts_gradients_and_optimizer_state_for_the_adapters_only(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Llama shape (width 1024, 4 layers) in bf16 on meta: LoRA r=16 fits under caps that full
+    fine-tuning exceeds, and the refusal says what each device would need."""
+    monkeypatch.chdir(ROOT)
+    shape = ["model=causal_lm", "model.vocab_size=32000", "model.hidden_size=1024", "model.num_heads=8"]
+    shape += ["model.intermediate_size=2752", "model.num_layers=4", "model.dtype=bfloat16"]
+    common = [*shape, "strategy=model_split", "trainer.accelerator=cpu", "strategy.device_ids=2"]
+    caps = "strategy.max_memory={0:200MiB,1:200MiB}"
+    assert main([*common, "model.lora_r=16", caps, "--no-data"]) == 0
+    out = capsys.readouterr().out
+    assert "model.base_model.model.model.layers.3" in out and "200.0 MiB cap" in out
+    with pytest.raises(PlacementError, match=r"placement='auto' cannot fit the model under max_memory"):
+        main([*common, "model.lora_r=0", caps, "--no-data"])
+
+    config_dir = ROOT / "conf"
+    lora = plan_for_config(compose_config(config_dir, "config", [*common, "model.lora_r=16"]), use_data=False)
+    full = plan_for_config(compose_config(config_dir, "config", [*common, "model.lora_r=0"]), use_data=False)
+    lora_parts, full_parts = lora.memory_per_position(), full.memory_per_position()
+    params = sum(p.params for p in full_parts)
+    assert sum(p.grads for p in full_parts) == params  # every bf16 weight has a gradient
+    adapters = 4 * 16 * (1024 + 1024) * 4 * 4  # q, k, v, o; r=16; 4 layers; float32
+    assert sum(p.grads for p in lora_parts) == adapters
+    assert sum(p.optimizer for p in lora_parts) == 2 * adapters  # AdamW: two float32 tensors each
 
 
 def test_prints_the_plan_of_a_device_map(

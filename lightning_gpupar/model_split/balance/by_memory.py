@@ -1,18 +1,6 @@
 """``placement="auto"``: walk the module tree into chain units, then partition them over the devices.
 
-1. **Units** (:func:`walk_units`): starting at the root, in execution order (the example forward's first
-   calls, else registration order), a module is taken whole when it fits in what is left of the current
-   device's share of the training memory; otherwise auto descends into its children, as accelerate's
-   ``infer_auto_device_map`` does. It never descends into a class named in ``no_split``, a class a model
-   declares unsplittable (transformers' ``_no_split_modules``), torch's attention and Transformer layers
-   (their forward uses their children's weights directly or adds residuals across them), or a module with
-   its own parameters or buffers besides its children (its forward combines them). With a stage list
-   (``chunks > 1``) the stages are the units, each whole.
-2. **Tied groups**: units that share a parameter are one :class:`ChainUnit` at the place of its first
-   member, on one device, the shared tensor counted once.
-3. **Partition** (a :data:`Partitioner`): chain units with their costs -> one position per unit,
-   non-decreasing (contiguous runs per device). The default, :func:`balance_memory`, minimises the largest
-   device total under the caps, then evens out the rest. A balance-by-time partition plugs in here.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/balance/by_memory.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +14,7 @@ from torch import nn
 
 from lightning_gpupar.errors import GpuparError
 from lightning_gpupar.model_split.memory import MemoryParts, ModelMemory, charge
-from lightning_gpupar.model_split.paths import holds_tensors, join
+from lightning_gpupar.model_split.paths import holds_tensors, is_within, join
 
 #: torch modules whose forward uses their children's weights directly, or adds residuals across children.
 DEFAULT_NO_SPLIT = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer")
@@ -54,6 +42,10 @@ Partitioner = Callable[[Sequence[ChainUnit], Sequence[float]], list[int]]
 class NoFit(GpuparError):
     """The chain units cannot be placed under the caps."""
 
+    def __init__(self, chain: Sequence[ChainUnit] = ()) -> None:
+        super().__init__()
+        self.chain = list(chain)  # the finest chain units tried (for the message)
+
 
 def model_no_split(root: nn.Module, no_split: Sequence[str]) -> set[str]:
     """The classes auto keeps whole: the user's, those the model's modules declare, and torch's defaults."""
@@ -78,9 +70,28 @@ def execution_order(root: nn.Module, memory: ModelMemory) -> dict[str, tuple[int
     return {p: (first.get(p, never), r) for p, r in registration.items()}
 
 
+def tie_holders(root: nn.Module) -> list[set[str]]:
+    """The paths of the modules registering each parameter that more than one module registers."""
+    holders: dict[int, set[str]] = {}
+    for path, module in root.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(path)
+    return [paths for paths in holders.values() if len(paths) > 1]
+
+
+def ties_outside(path: str, ties: Sequence[set[str]]) -> bool:
+    """Whether a parameter in the subtree at ``path`` is also registered by a module outside it."""
+    return any(
+        any(is_within(p, path) for p in paths) and not all(is_within(p, path) for p in paths)
+        for paths in ties
+    )
+
+
 def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_split: set[str]) -> list[Unit]:
-    """The units to place, in execution order: descend where a module exceeds the current device's share."""
+    """The units to place, in execution order: descend where a module exceeds the current device's share
+    or holds a parameter tied to one outside it."""
     key = execution_order(root, memory)
+    ties = tie_holders(root)
     n = len(caps)
     total = memory.parts("").total
     used = [0.0] * n
@@ -94,13 +105,14 @@ def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_s
             continue  # nothing to place: it runs where its input is
         cost = memory.parts(path, own_only).total
         fits = used[pos] + cost <= caps[pos]
+        splittable = not own_only and _can_descend(path, module, no_split)
+        if splittable and ties_outside(path, ties):
+            queue.extendleft(reversed(_children(root, path, key)))
+            continue
         if fits and (used[pos] + cost <= target or pos == n - 1):
             pass
-        elif not own_only and _can_descend(path, module, no_split):
-            children = [(join(path, name), False) for name, _ in module.named_children()]
-            children.sort(key=lambda unit: key[unit[0]])
-            own = [(path, True)] if holds_tensors(module, recurse=False) else []
-            queue.extendleft(reversed(own + children))
+        elif splittable:
+            queue.extendleft(reversed(_children(root, path, key)))
             continue
         elif pos < n - 1 and not (fits and used[pos] + cost - target < target - used[pos]):
             pos += 1
@@ -110,6 +122,46 @@ def walk_units(root: nn.Module, memory: ModelMemory, caps: Sequence[float], no_s
         used[pos] += cost
         units.append((path, own_only))
     return units
+
+
+def _children(root: nn.Module, path: str, key: dict[str, tuple[int, int]]) -> list[Unit]:
+    """A module's units when it is split: its own tensors (if any), then its children in execution order."""
+    module = root.get_submodule(path)
+    children = [(join(path, name), False) for name, _ in module.named_children()]
+    children.sort(key=lambda unit: key[unit[0]])
+    return ([(path, True)] if holds_tensors(module, recurse=False) else []) + children
+
+
+def search(
+    root: nn.Module,
+    units: list[Unit],
+    memory: ModelMemory,
+    caps: Sequence[float],
+    no_split: set[str] | None,
+    partition: Partitioner,
+) -> tuple[list[ChainUnit], list[int]]:
+    """Partition the chain units of ``units``; while that finds no fit, split the largest unit that may be
+    split (never with ``no_split=None``: the units are fixed) and try again. Raise :class:`NoFit` with the
+    finest chain tried."""
+    key = execution_order(root, memory)
+    while True:
+        units = sorted(units, key=lambda u: (key[u[0]], not u[1]))
+        chain = chain_units(root, units, memory)
+        try:
+            return chain, partition(chain, caps)
+        except NoFit:
+            pass
+        splittable = [
+            u
+            for u in units
+            if no_split is not None and not u[1] and _can_descend(u[0], root.get_submodule(u[0]), no_split)
+        ]
+        if not splittable:
+            raise NoFit(chain)
+        largest = max(splittable, key=lambda u: memory.parts(u[0]).total)
+        units = [u for u in units if u != largest] + [
+            c for c in _children(root, largest[0], key) if holds_tensors(root.get_submodule(c[0]), not c[1])
+        ]
 
 
 def _can_descend(path: str, module: nn.Module, no_split: set[str]) -> bool:

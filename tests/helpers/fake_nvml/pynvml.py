@@ -3,8 +3,9 @@
 Put this directory first on ``sys.path`` / ``PYTHONPATH`` (or into ``sys.modules["pynvml"]``). Each GPU is
 ``{"uuid": "GPU-...", "name": "...", "total": bytes, "free": bytes, "util": percent, "pids": [...],
 "mig": [{"uuid": "MIG-...", "total": ..., "free": ...}]}``, listed in PCI bus order. ``FAKE_NVML_FAIL=1``
-makes ``nvmlInit`` fail as it does without a driver. Every handle a caller asks for is recorded in
-``$FAKE_NVML_LOG`` when set (one UUID a line) so tests can see which GPUs were asked about.
+makes ``nvmlInit`` fail as it does without a driver; ``FAKE_NVML_ERROR_IN=nvmlDeviceGetUUID,...``
+makes those queries raise ``NVMLError`` (no permission, a lost GPU, a MIG parent). Every handle a caller
+asks for is recorded in ``$FAKE_NVML_LOG`` when set (one UUID a line): tests see which GPUs were asked.
 """
 
 from __future__ import annotations
@@ -35,22 +36,27 @@ def nvmlShutdown() -> None:
 
 
 def nvmlDeviceGetCount() -> int:
+    _maybe_fail("nvmlDeviceGetCount")
     return len(_gpus())
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> dict[str, Any]:
+    _maybe_fail("nvmlDeviceGetHandleByIndex")
     return _gpus()[index]
 
 
 def nvmlDeviceGetUUID(handle: dict[str, Any]) -> str:
+    _maybe_fail("nvmlDeviceGetUUID")
     return str(handle["uuid"])
 
 
 def nvmlDeviceGetName(handle: dict[str, Any]) -> str:
+    _maybe_fail("nvmlDeviceGetName")
     return str(handle.get("name", "Fake GPU"))
 
 
 def nvmlDeviceGetMemoryInfo(handle: dict[str, Any]) -> SimpleNamespace:
+    _maybe_fail("nvmlDeviceGetMemoryInfo")
     _record(handle)
     return SimpleNamespace(total=handle["total"], free=handle["free"], used=handle["total"] - handle["free"])
 
@@ -76,6 +82,11 @@ def nvmlDeviceGetMaxMigDeviceCount(handle: dict[str, Any]) -> int:
 
 def nvmlDeviceGetMigDeviceHandleByIndex(handle: dict[str, Any], index: int) -> dict[str, Any]:
     return {"name": f"{handle.get('name', 'Fake GPU')} MIG", **handle["mig"][index]}
+
+
+def _maybe_fail(query: str) -> None:
+    if query in os.environ.get("FAKE_NVML_ERROR_IN", "").split(","):
+        raise NVMLError(f"Insufficient Permissions ({query})")
 
 
 def _record(handle: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Train a float64 MLP with DDPStrategy on 2 CPU processes and record what a step produced.
 
     python equivalence.py OUT_DIR STEPS BATCH [ddp|ddp_split|ddp_split_1f1b] [cpu|gpu] [PROCESSES] [CHUNKS]
+        [DEVICES]
 
 Every rank writes ``OUT_DIR/rank<r>.pt``: its first-step loss, its gradients after the first backward
 (already all-reduced by DDP), and its weights after ``STEPS`` optimizer steps. The data and the
@@ -9,6 +10,8 @@ initial weights come from :func:`problem`, which the test uses for the single-de
 micro-batches; each rank also records the stage positions and how many micro-batches stage 0 ran.
 With ``gpu`` the processes train on GPUs 0.. with NCCL (``PROCESSES`` of them, default 2; ``CHUNKS``
 micro-batches for ``ddp_split``, default 2). ``ddp_split_1f1b``: ``ddp_split`` with ``schedule="1f1b"``.
+``DEVICES`` names the devices instead (``cuda:0,cuda:0``: one process whose ddp_split group is one GPU
+twice).
 """
 
 from __future__ import annotations
@@ -76,12 +79,15 @@ def main() -> None:
     accelerator = sys.argv[5] if len(sys.argv) > 5 else "cpu"
     processes = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     chunks = int(sys.argv[7]) if len(sys.argv) > 7 else 2
+    # DEVICES, e.g. cuda:0,cuda:0: the devices themselves (a ddp_split group on one GPU twice)
+    chosen = [torch.device(d) for d in sys.argv[8].split(",")] if len(sys.argv) > 8 else None
     strategy = (
         DDPSplitStrategy(
             timeout=60,
             devices_per_process=2,
             placement={"net.0-1": 0, "net.2": 1},
             chunks=chunks,
+            parallel_devices=chosen,
             schedule=schedule,
         )
         if split
@@ -99,7 +105,7 @@ def main() -> None:
     count = processes * (2 if split else 1)
     trainer = pl.Trainer(
         accelerator=accelerator,
-        devices=count if accelerator == "cpu" else list(range(count)),
+        devices="auto" if chosen else count if accelerator == "cpu" else list(range(count)),
         strategy=strategy,
         callbacks=[Positions()],
         max_steps=steps,
