@@ -223,13 +223,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="pt (torch.save) or safetensors; default: by OUT's extension (.safetensors; else pt)",
     )
-    out.add_argument("--force", action="store_true", help="replace OUT if it exists")
     out.add_argument(
         "--trainable-only",
         action="store_true",
         help="only the tensors that train; a PEFT adapter under PEFT's keys, adapter_config.json beside it "
         "(OUT a directory: adapter_model.safetensors/.bin inside, as PeftModel.from_pretrained reads)",
     )
+    out.add_argument("--force", action="store_true", help="replace OUT if it exists")
     out.set_defaults(run=export)
     return parser
 
