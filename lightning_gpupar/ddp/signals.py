@@ -1,25 +1,6 @@
 """SIGTERM for our DDP runs: every rank hears it, every rank stops after the same step, exit is bounded.
 
-Lightning's handler (``_SignalConnector._sigterm_notifier_fn``) sends the signal on to the launcher's
-children and then calls ``dist.broadcast`` inside the signal handler. The handler runs between two
-bytecodes of the main thread, wherever training is, so that broadcast can pair with another rank's
-gradient all-reduce or with its own handler's broadcast: the ranks then wait for each other until the
-process group's timeout (30 minutes by default). A SIGTERM that reaches a child rank only is never seen by
-rank 0, which keeps training. And Lightning's loops raise their SIGTERM exception at the end of a step on
-each rank that has its flag (``trainer.received_sigterm``) set: a rank that heard the signal later than
-another has left that check behind and meets the stopped rank in the next step's collectives, where it
-fails with "Connection closed by peer" instead of stopping.
-
-The connector here changes the handler: it runs no collective; it notes the signal (``heard_sigterm``),
-forwards it once (rank 0 to its children, a child to the process that launched it), takes rank 0's
-children out of Lightning's process observer (which would SIGKILL rank 0 when a child exits non-zero,
-cutting short its checkpoint), and starts a deadline: a rank still running ``SIGTERM_EXIT_DEADLINE_S``
-seconds later kills its children and exits with 128 + the signal number. Lightning's flag is set only by
-:meth:`DDPSignalConnector.agree`, which every rank calls at the start of every training step: it reads the
-one-number all-reduce (MAX) it started at the previous step's start and starts the next one, asynchronously,
-so no step waits for the other ranks or for the GPU on its account. Once any rank has heard the signal,
-every rank reads it in the same step, so every rank stops at that step's end, together (one step after the
-one in which the signal was first heard).
+How it works: docs/internals.md, section ``lightning_gpupar/ddp/signals.py``.
 """
 
 from __future__ import annotations

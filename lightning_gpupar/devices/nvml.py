@@ -1,20 +1,6 @@
 """What each visible GPU holds (memory, utilisation, processes), read without touching the GPUs.
 
-NVML (``nvidia-ml-py``, the optional extra ``nvml``) answers from the driver: no CUDA context is created,
-so asking about eight GPUs leaves no memory held on seven of them and works on a GPU in
-EXCLUSIVE_PROCESS mode that another process holds. NVML numbers GPUs in PCI bus order and knows them by
-UUID; :func:`cuda_handles` maps them to this process's CUDA ids:
-
-* the physical order CUDA counts in: PCI bus order under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, and also
-  under the default ``FASTEST_FIRST`` when every GPU is the same model (CUDA breaks ties by PCI bus id);
-  for mixed models under ``FASTEST_FIRST`` only CUDA knows, so torch is asked for each device's UUID
-  (``cudaGetDeviceProperties``: it initialises the CUDA runtime but creates no context);
-* ``CUDA_VISIBLE_DEVICES`` as indices into that order, as ``GPU-`` UUID prefixes, or as ``MIG-`` ids
-  (parsed by torch's own parser, ``torch.cuda._parse_visible_devices``).
-
-Without NVML, or when any NVML query fails, :func:`read_gpus` falls back to ``torch.cuda.mem_get_info``,
-which creates a CUDA context (a few hundred MB) on every GPU it asks; the answer says which source it
-used, and why.
+How it works: docs/internals.md, section ``lightning_gpupar/devices/nvml.py``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
 """What replicas log and the metrics they update, merged into the root module once per step.
 
-Replicas run in worker threads; Lightning's logging is not thread-safe and a replica's metric updates die
-with the replica. So each replica's ``self.log`` is a :class:`LogRecorder`, and after the step the caller's
-thread logs each name once on the root module:
-
-* numbers and tensors are combined by their ``reduce_fx``: ``mean`` weighted by shard size, or by the
-  replicas' ``batch_size=`` where given (so the value equals the full batch's mean), ``sum``, ``max`` or
-  ``min``; the root logs the whole batch's ``batch_size`` (the replicas' sum), which weighs epoch means;
-* torchmetrics ``Metric`` states are moved to the root metric's device and merged into it
-  (``Metric.merge_state``) in sample order, so list states (``CatMetric``) match one device's; the logged
-  value is the root's metric, whose step value is computed from the whole batch.
+How it works: docs/internals.md, section ``lightning_gpupar/dp/replica_results.py``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
 """Deferred BatchNorm: running statistics updated once per step from all of a pipeline's micro-batches.
 
-A pipeline calls each BatchNorm layer once per micro-batch. Left alone, the layer would update its
-running mean and variance ``chunks`` times a step, each time from one micro-batch (and count ``chunks``
-batches), so after training they differ from the unsplit model's. :class:`DeferredBatchNorms` (the idea of
-torchgpipe's ``deferred_batch_norm``) changes that for the layers of a pipeline's stages:
-
-- in training, each micro-batch is still *normalised* on its own statistics (the layer's forward runs with
-  its running statistics hidden, so it updates nothing): the batch statistics of the whole batch are not
-  known before the last micro-batch has run, and waiting for them would serialise the pipeline;
-- meanwhile the per-channel count, mean and sum of squared deviations of every micro-batch's input are
-  combined (Chan et al.'s parallel algorithm, exact in any order); at the end of the step
-  (:meth:`DeferredBatchNorms.step`) the running mean, the unbiased running variance and
-  ``num_batches_tracked`` are updated once, as the unsplit layer updates them from the whole batch. A
-  ``SyncBatchNorm`` in a distributed run first combines the statistics of all processes of its group;
-- in evaluation the layers use their running statistics as always; a recomputed stage (``checkpoint=``)
-  runs in backward, outside any step, and adds nothing twice.
-
-Nothing is registered on the modules: their class, buffers and checkpoint keys stay those of plain
-BatchNorm. Layers with ``track_running_stats=False`` have no running statistics and are left alone.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/batchnorm.py``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """Placement plans: which submodule of a model lives on which device, computed before anything moves.
 
-A placement maps submodule paths (ranges allowed, :mod:`~lightning_gpupar.model_split.paths`) to positions
-in a device list (the Trainer's devices)::
-
-    {"model.embed": 0, "model.blocks.0-1": 0, "model.blocks.2-3": 1, "model.head": 1}
-
-``"auto"`` walks the module tree and balances the memory training needs over the devices
-(:mod:`~lightning_gpupar.model_split.balance.by_memory`), under optional per-position caps
-(``max_memory``). Every plan
-carries each entry's training memory (:mod:`~lightning_gpupar.model_split.memory`): parameters, buffers,
-gradients, optimizer state and activations.
-
-A plan is computed from the module tree alone (sizes come from ``numel * element_size``, activations from a
-forward on the meta device), so it works on a model built on the meta device and allocates nothing;
-:mod:`~lightning_gpupar.model_split.hooks` applies it.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/plan.py``.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
 """A picture of the pipeline's schedule: when each partition ran each micro-batch, forward and backward.
 
-``trace=PATH`` (:class:`PipelineTrace`) skips the first training call (warm-up), then records ``steps``
-calls of the pipeline:
-
-- every forward of micro-batch ``i`` on partition ``j`` runs inside
-  ``torch.profiler.record_function("pipeline forward p{j} mb{i}")`` and is timed;
-- its backward is timed through hooks on the autograd nodes that forward created (from the partition's
-  outputs back to its inputs): the first node to run starts it, the last to finish ends it;
-- torch's profiler runs meanwhile, so ``PATH.json`` is a Chrome trace (open it in Perfetto or
-  ``chrome://tracing``) holding torch's own events, the forward labels, and a "pipeline schedule" process
-  with one row per partition and a box per micro-batch, forward and backward;
-- ``PATH.png`` (needs matplotlib: ``pip install 'lightning-gpupar[plot]'``) draws the first recorded step
-  as in the GPipe paper: devices as rows, micro-batches as coloured boxes (backward hatched);
-- the measured bubble fraction (the share of the step each partition was idle, averaged) and each
-  partition's utilisation are printed.
-
-Times are host times on the CPU. On CUDA they are GPU times: CUDA events on the stream that ran the work
-(recorded once the compute stream has its input, and in backward on the autograd node's stream), put on
-the host clock by a reference event per device and step (recorded after a synchronisation at the start of
-each traced step: tracing costs that sync, for its few steps). The bubble fraction is then what the GPUs
-idled, not when the host queued work.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/trace.py``.
 """
 
 from __future__ import annotations

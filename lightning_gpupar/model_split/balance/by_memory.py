@@ -1,22 +1,6 @@
 """``placement="auto"``: walk the module tree into chain units, then partition them over the devices.
 
-1. **Units** (:func:`walk_units`): starting at the root, in execution order (the example forward's first
-   calls, else registration order), a module is taken whole when it fits in what is left of the current
-   device's share of the training memory and holds no parameter tied to one outside it; otherwise auto
-   descends into its children, as accelerate's ``infer_auto_device_map`` does (tied parameters so end up
-   in the smallest units that hold them, and pull nothing else along). It never descends into a class
-   named in ``no_split``, a class a model declares unsplittable (transformers' ``_no_split_modules``),
-   torch's attention and Transformer layers (their forward uses their children's weights directly or adds
-   residuals across them), or a module with its own parameters or buffers besides its children.
-   With a stage list (``chunks > 1``) the stages are the units, each whole.
-2. **Tied groups**: units that share a parameter are one :class:`ChainUnit` at the place of its first
-   member, on one device, the shared tensor counted once.
-3. **Partition** (a :data:`Partitioner`): chain units with their costs -> one position per unit,
-   non-decreasing (contiguous runs per device). The default, :func:`balance_memory`, minimises the largest
-   device total under the caps, then evens out the rest. A balance-by-time partition plugs in here.
-4. **Search** (:func:`search`): when the partition finds no fit, the largest unit that may be split is
-   replaced by its children and steps 2-3 run again, down to the finest units the rules allow; a model
-   that fits at any cut of the tree (tied parameters in their smallest units) fits at the finest.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/balance/by_memory.py``.
 """
 
 from __future__ import annotations
