@@ -5,9 +5,8 @@ differ between ranks (a model built differently, an optimizer that depends on th
 then train mismatched copies. The launching process plans once (:func:`plan_to_json`) and passes the plan
 in :data:`PLAN_ENV`; each rank rebuilds it for its own group (:func:`plan_from_json`: positions count within
 the group, so the same plan shifts to each group's devices). Where no launcher hands one down (torchrun,
-SLURM), the ranks compare their plans (:func:`check_same_plan`) before anything moves. Under
-``placement="device_map"`` each rank's own ``hf_device_map`` must say what the handed plan says
-(:func:`check_device_map_agrees`).
+SLURM), the ranks compare their plans (:func:`check_same_plan`); a rank's own ``hf_device_map`` must agree
+with the handed plan (:func:`check_device_map_agrees`).
 """
 
 from __future__ import annotations
