@@ -143,3 +143,13 @@ def test_every_exception_class_derives_from_gpupar_error() -> None:
     assert len(classes) >= 15
     assert {cls.__qualname__ for cls in classes if not issubclass(cls, GpuparError)} == set()
     assert issubclass(lightning_gpupar.devices.DeviceSelectionError, ValueError)  # builtin bases kept
+
+
+def test_module_docstrings_say_the_job_in_about_ten_lines() -> None:
+    """Long explanations live in docs/ (docs/internals.md), not at the top of a module."""
+    lengths = {
+        name: len((ast.get_docstring(ast.parse(path.read_text()), clean=False) or "").strip().splitlines())
+        for name, path in MODULES.items()
+    }
+    assert {name: n for name, n in lengths.items() if n > 11} == {}
+    assert max(lengths.values()) >= 3  # docstrings are read at all

@@ -1,23 +1,6 @@
 """A GPipe micro-batch pipeline over a sequence of stages placed on devices.
 
-A stage sequence is an ordered list of submodules whose common parent (the *owner*) computes
-``stage_n(... stage_2(stage_1(*args, **kwargs)))``: an ``nn.Sequential``, or a module such as
-``embed -> blocks[0..n) -> head`` whose forward loops over a ``ModuleList``. Each stage takes the previous
-stage's output as its one positional argument. Consecutive stages on one device position form a
-*partition*.
-
-:func:`install_pipeline` replaces the owner's ``forward`` with a :class:`Pipeline`: the input is split
-along dim 0 into ``chunks`` micro-batches, partition ``j`` runs micro-batch ``i`` at clock tick ``i + j``
-(GPipe's fill-drain schedule), and the outputs are gathered as dp gathers them
-(:mod:`lightning_gpupar.dp.gather`: per-sample tensors concatenated in order). The caller computes its loss
-on the full output, so autograd's backward equals the unsplit model's. On CUDA each device computes on
-its own stream and copies activations on another, ordered by events (:class:`DeviceStreams`), so
-partitions on different GPUs overlap; on the CPU the same schedule runs in order.
-
-Caveats: BatchNorm normalises each micro-batch on its own statistics. Its running statistics are
-deferred by default (:mod:`~lightning_gpupar.model_split.batchnorm`: updated once per step from all
-micro-batches, as the unsplit model updates them); with ``deferred_batch_norm=False`` they update once per
-micro-batch. Every tensor the owner receives must share its batch dimension.
+How it works: docs/internals.md, section ``lightning_gpupar/model_split/pipeline.py``.
 """
 
 from __future__ import annotations
@@ -84,6 +67,10 @@ class Partition:
 
     def names(self) -> str:
         """How messages name the stages: ``blocks.2 (Block), blocks.3 (Block)``."""
+        return self._names
+
+    @functools.cached_property
+    def _names(self) -> str:  # computed once: every micro-batch's run names its partition
         named = []
         for k, stage in enumerate(self.stages):
             module = getattr(stage, "__self__", stage)  # a bound forward: its module
@@ -92,6 +79,10 @@ class Partition:
 
     def segments(self) -> list[tuple[tuple[Callable[..., Any], ...], bool]]:
         """The stages grouped into maximal runs of equal ``recomputed``, in order: (stages, recomputed)."""
+        return self._segments
+
+    @functools.cached_property
+    def _segments(self) -> list[tuple[tuple[Callable[..., Any], ...], bool]]:
         runs: list[tuple[tuple[Callable[..., Any], ...], bool]] = []
         for stage, recomputed in zip(self.stages, self.recomputed, strict=True):
             if runs and runs[-1][1] == recomputed:

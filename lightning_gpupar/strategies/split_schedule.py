@@ -6,7 +6,8 @@ backpropagates each one in 1F1B order. Each micro-batch's loss is weighted by it
 (and ``1 / accumulate_grad_batches``, as Lightning scales it), so the accumulated gradients are those of
 the full batch's mean loss, and the step returns that mean. ``self.log`` calls made inside the micro-batch
 steps are held back and logged once per step: numbers as the sample-weighted mean over micro-batches,
-metric objects (which accumulate their own updates) as the last call logged them.
+metric objects (which accumulate their own updates) as the last call logged them; with ``reduce_fx`` sum,
+max or min, numbers are combined by that reduction instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gpupar.dp.batch import split_batch
+from lightning_gpupar.dp.replica_results import _LOG_SIGNATURE, _REDUCTIONS, _REDUCTIONS_BY_FN
 from lightning_gpupar.model_split.errors import PipelineError
 from lightning_gpupar.model_split.one_f_one_b import StagedPipeline
 
@@ -115,8 +117,15 @@ class _HeldLogs:
             value, _, args, kwargs = calls[-1]
             numbers = [c[0] for c in calls if isinstance(c[0], Tensor | int | float)]
             if len(numbers) == len(calls):
-                total = sum(c[1] for c in calls)
-                value = sum(c[0] * c[1] for c in calls) / total
+                reduce_fx = _LOG_SIGNATURE.bind(None, name, value, *args, **kwargs).arguments.get("reduce_fx")
+                reduction = _REDUCTIONS.get(reduce_fx) if isinstance(reduce_fx, str) else None
+                reduction = reduction or _REDUCTIONS_BY_FN.get(reduce_fx, "mean")  # type: ignore[arg-type]
+                if reduction == "mean":
+                    total = sum(c[1] for c in calls)
+                    value = sum(c[0] * c[1] for c in calls) / total
+                else:  # the whole batch's sum / max / min from its micro-batches'
+                    stacked = torch.stack([torch.as_tensor(c[0]).reshape(()) for c in calls])
+                    value = getattr(stacked, reduction)()
                 if all(isinstance(c[3].get("batch_size"), int) for c in calls):
                     kwargs = {**kwargs, "batch_size": sum(c[3]["batch_size"] for c in calls)}
             pl.LightningModule.log(self.module, name, value, *args, **kwargs)
