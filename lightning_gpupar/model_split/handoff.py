@@ -5,7 +5,8 @@ differ between ranks (a model built differently, an optimizer that depends on th
 then train mismatched copies. The launching process plans once (:func:`plan_to_json`) and passes the plan
 in :data:`PLAN_ENV`; each rank rebuilds it for its own group (:func:`plan_from_json`: positions count within
 the group, so the same plan shifts to each group's devices). Where no launcher hands one down (torchrun,
-SLURM), the ranks compare their plans (:func:`check_same_plan`) before anything moves.
+SLURM), the ranks compare their plans (:func:`check_same_plan`); a rank's own ``hf_device_map`` must agree
+with the handed plan (:func:`check_device_map_agrees`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_gpupar.model_split.device_map import device_map_placement
 from lightning_gpupar.model_split.errors import PlacementError
 from lightning_gpupar.model_split.paths import find_submodule, uncovered
 from lightning_gpupar.model_split.plan import PlacedModule, PlacementPlan, plan_placement
@@ -68,6 +70,28 @@ def plan_from_json(
         _reposition(e, positions[(e.path, True)]) if (e.path, True) in positions else e for e in plan.entries
     )
     return dataclasses.replace(plan, entries=entries, output_position=output)
+
+
+def check_device_map_agrees(root: nn.Module, devices: Sequence[torch.device], plan: PlacementPlan) -> None:
+    """Refuse a rank whose own ``hf_device_map`` (read on its group ``devices``) places an entry elsewhere
+    than the handed ``plan``: the rank would silently train by another map than its model carries."""
+    try:
+        own = device_map_placement(root, devices)
+    except PlacementError as err:
+        raise PlacementError(
+            f"{err} (this rank's model; under ddp_split each process maps its copy over its own group "
+            f"{[str(d) for d in devices]})"
+        ) from None
+    differ = {
+        path: (pos, plan.position_of(path)) for path, pos in own.items() if plan.position_of(path) != pos
+    }
+    if differ:
+        listing = ", ".join(f"{p!r}: {mine} here, {there} handed" for p, (mine, there) in differ.items())
+        raise PlacementError(
+            f"placement='device_map': this rank's hf_device_map differs from the plan the launching process "
+            f"handed down ({PLAN_ENV}) at {listing} (positions in the process's group). Every process must "
+            "map its model the same way within its group: build the same device map in each."
+        )
 
 
 def _reposition(entry: PlacedModule, position: int) -> PlacedModule:

@@ -103,7 +103,16 @@ def remove_accelerate_hooks(root: nn.Module) -> None:
         return
     from accelerate.hooks import remove_hook_from_module  # present: it attached the hooks
 
-    remove_hook_from_module(root, recurse=True)
+    # One module at a time, only those that own a hook: a PEFT wrapper forwards ``_hf_hook`` from the model
+    # it wraps, and accelerate's recursive removal would try (and fail) to delete it from the wrapper.
+    for module in root.modules():
+        owned = module.__dict__
+        if (
+            "_hf_hook" in owned
+            or "_old_forward" in owned
+            or any(getattr(v, "_accelerate_added_attribute", False) for v in owned.values())
+        ):
+            remove_hook_from_module(module, recurse=False)
 
 
 def _move_tensors(

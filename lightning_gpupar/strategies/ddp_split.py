@@ -20,9 +20,11 @@ from typing_extensions import override
 
 from lightning_gpupar.ddp.launcher import DDPLaunchError
 from lightning_gpupar.model_split import ModelSplit, PlacementPlan
+from lightning_gpupar.model_split.device_map import DEVICE_MAP
 from lightning_gpupar.model_split.handoff import (
     PLAN_ENV,
     all_gather_strings,
+    check_device_map_agrees,
     check_same_plan,
     plan_from_json,
     plan_to_json,
@@ -162,7 +164,10 @@ class DDPSplitStrategy(SplitStrategyMixin, DDPStrategy):
         handed = os.environ.get(PLAN_ENV)
         if handed is None:
             return super().compute_plan(module, devices, **inputs)
-        return plan_from_json(module, devices, handed, **inputs, max_memory=self.split.max_memory)
+        plan = plan_from_json(module, devices, handed, **inputs, max_memory=self.split.max_memory)
+        if self.split.placement == DEVICE_MAP:
+            check_device_map_agrees(module, devices, plan)
+        return plan
 
     @override
     def check_plan(self, plan: PlacementPlan) -> None:

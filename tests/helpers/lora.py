@@ -80,6 +80,29 @@ class LoraLM(pl.LightningModule):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
+#: What transformers' from_pretrained(device_map=...) leaves on the causal LM: its submodules -> devices
+#: (on CPU devices an int is a position in the strategy's devices, or in a ddp_split process's group).
+HF_DEVICE_MAP: dict[str, int] = {
+    "model.embed_tokens": 0,
+    "model.rotary_emb": 0,
+    "model.layers.0": 0,
+    "model.layers.1": 1,
+    "model.norm": 1,
+    "lm_head": 1,
+}
+
+
+def dispatch(module: LoraLM, device_map: dict[str, int] | None = None) -> None:
+    """Dispatch ``module``'s causal LM as a user would: accelerate's ``dispatch_model`` attaches its hooks
+    (all on the CPU here) and the model carries ``device_map`` (default :data:`HF_DEVICE_MAP`) as its
+    ``hf_device_map``, as from_pretrained(device_map=...) leaves it on GPUs."""
+    accelerate = pytest.importorskip("accelerate")
+    device_map = dict(HF_DEVICE_MAP if device_map is None else device_map)
+    causal_lm = module.model.base_model.model
+    accelerate.dispatch_model(causal_lm, {k: "cpu" for k in device_map}, force_hooks=True)
+    causal_lm.hf_device_map = device_map
+
+
 def tokens(batch: int = 8, seed: int = 0) -> Tensor:
     return torch.randint(1, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
 

@@ -295,3 +295,18 @@ def test_stages_follow_execution_order_not_the_maps_or_registrations() -> None:
     assert [e.path for e in plan.entries] == ["net.body", "net.head"]
     split = fit(module, devices=2, placement="device_map", chunks=2)  # pipelined body -> head
     assert_equivalent(split, single)
+
+
+def test_the_hooks_of_a_dispatched_model_inside_a_peft_wrapper_come_off() -> None:
+    """PEFT's wrappers forward unknown attributes to the model they wrap, so they seem to carry its
+    ``_hf_hook`` though they own none: removing it from the wrapper must not be tried."""
+    from tests.helpers.lora import LoraLM, dispatch, tokens
+
+    module = LoraLM(layers=2)
+    ids = tokens(2)
+    expected = module(ids)
+    dispatch(module)
+    handle = apply_placement(module, plan_placement(module, CPU2, "device_map"))
+    assert not any("_hf_hook" in m.__dict__ for m in module.modules())
+    torch.testing.assert_close(module(ids), expected, rtol=1e-12, atol=1e-12)
+    handle.remove()

@@ -17,7 +17,15 @@ import torch
 
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.model_split import PipelineError, plan_placement
-from tests.helpers.lora import LoraChain, LoraLM, token_loader, tokens, trainable_weights
+from tests.helpers.lora import (
+    HF_DEVICE_MAP,
+    LoraChain,
+    LoraLM,
+    dispatch,
+    token_loader,
+    tokens,
+    trainable_weights,
+)
 from tests.helpers.programs import python, run_bounded
 from tests.helpers.trainer import TRAINING_ONLY
 
@@ -66,24 +74,12 @@ def test_lora_trains_as_on_one_device(arch: str, case: str) -> None:
     assert_equivalent(run, reference)
 
 
-#: What transformers' from_pretrained(device_map=...) leaves on the causal LM: its submodules -> devices
-#: (on CPU devices an int is a position in the strategy's devices).
-HF_DEVICE_MAP = {
-    "model.embed_tokens": 0,
-    "model.rotary_emb": 0,
-    "model.layers.0": 0,
-    "model.layers.1": 1,
-    "model.norm": 1,
-    "lm_head": 1,
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_device_mapped_lora_model_trains_as_on_one_device(arch: str) -> None:
     reference = fit(LoraLM(arch, layers=2))
     module = LoraLM(arch, layers=2)
-    module.model.base_model.model.hf_device_map = dict(HF_DEVICE_MAP)
+    dispatch(module)  # accelerate's hooks on, hf_device_map = HF_DEVICE_MAP
     run = fit(module, strategy=ModelSplitStrategy("device_map"), devices=2)
     assert_equivalent(run, reference)
 
@@ -102,13 +98,21 @@ def test_a_causal_lm_is_no_chain_and_micro_batches_are_refused_before_training()
 
 
 @pytest.mark.slow
-def test_ddp_split_with_lora_matches_one_device(tmp_path: Path) -> None:
-    """2 processes x 2 CPU devices, a split LoRA model in each (what Accelerate refuses for device maps)."""
-    finished = run_bounded(python("lora_ddp_split.py", str(tmp_path)), timeout=300, cwd=tmp_path)
+@pytest.mark.parametrize("placement", ["auto", "device_map"])
+def test_ddp_split_with_lora_matches_one_device(tmp_path: Path, placement: str) -> None:
+    """2 processes x 2 CPU devices, a split LoRA model in each; with ``device_map`` each process's model is
+    dispatched by accelerate and carries an hf_device_map (what Accelerate refuses when distributed)."""
+    finished = run_bounded(python("lora_ddp_split.py", str(tmp_path), placement), timeout=300, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     reference = fit(LoraLM(layers=2), max_epochs=1)
     assert [r["positions"] for r in ranks] == [[0, 1], [0, 1]]  # each copy split over its own 2 devices
+    if (
+        placement == "device_map"
+    ):  # both ranks placed by the map: the handed plan is the one each model carries
+        for rank in ranks:
+            for key, position in HF_DEVICE_MAP.items():
+                assert rank["entries"][f"model.base_model.model.{key}"] == position, key
     mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
     torch.testing.assert_close(torch.tensor(mean), torch.tensor(reference.losses), rtol=RTOL, atol=ATOL)
     want = trainable_weights(reference)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpupar.model_split import PlacementError
 from lightning_gpupar.model_split.handoff import PLAN_ENV, check_same_plan, plan_from_json, plan_to_json
@@ -95,3 +97,68 @@ def test_own_tensor_entries_travel_too() -> None:
         ("", True, 1),
         ("inner", False, 0),
     ]
+
+
+# -- placement="device_map": the launching process reads the map once, each rank's own map must agree ------
+
+
+def mapped(device_map: dict[str, int]) -> TinyNet:
+    module = TinyNet()
+    module.model.hf_device_map = device_map  # keys relative to self.model, as transformers writes them
+    return module
+
+
+MAP = {"0": 0, "1": 0, "2": 1}
+
+
+def test_a_device_mapped_model_hands_its_map_down_and_each_rank_agrees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(PLAN_ENV, raising=False)
+    split_strategy(placement="device_map").check_before_launch(_fit_impl, mapped(MAP))
+    handed = json.loads(os.environ[PLAN_ENV])
+    assert sorted((p, pos) for p, pos, _ in handed["entries"]) == [
+        ("model.0", 0),
+        ("model.1", 0),
+        ("model.2", 1),
+    ]
+    for rank in (0, 1):  # every rank builds the same mapped model and reads the same plan
+        strategy = split_strategy(placement="device_map")
+        monkeypatch.setattr(type(strategy), "local_rank", property(lambda self, r=rank: r))
+        module = mapped(MAP)
+        strategy.connect(module)
+        plan = strategy.make_plan()
+        assert plan_to_json(plan) == os.environ[PLAN_ENV]
+        assert [plan.position_of(f"model.{i}") for i in range(3)] == [0, 0, 1]
+
+
+def test_a_rank_whose_own_device_map_differs_from_the_handed_plan_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(PLAN_ENV, raising=False)
+    split_strategy(placement="device_map").check_before_launch(_fit_impl, mapped(MAP))
+    strategy = split_strategy(placement="device_map")
+    strategy.connect(mapped({"0": 0, "1": 1, "2": 1}))  # this rank's model is mapped otherwise
+    with pytest.raises(PlacementError, match=r"differs from the plan .* at 'model\.1': 1 here, 0 handed"):
+        strategy.make_plan()
+
+
+def test_a_device_map_position_outside_the_group_is_refused_before_any_process_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(PLAN_ENV, raising=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=4,
+        strategy=DDPSplitStrategy(devices_per_process=2, placement="device_map"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    module = mapped({"0": 0, "1": 0, "2": 2})  # position 2: the other process's group
+    with pytest.raises(
+        PlacementError, match=r"entry '2': 2: on CPU devices .* there are 2 .* 2 is out of range"
+    ):
+        trainer.fit(module, DataLoader(TensorDataset(torch.zeros(4, 6, dtype=torch.float64)), batch_size=2))
+    assert PLAN_ENV not in os.environ  # no plan was handed on: no process was started
+    assert all(p.device.type == "cpu" for p in module.parameters())
