@@ -7,13 +7,23 @@ still ran torch ops aborted the process in some trials (``terminate called witho
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from lightning_gpupar.dp.parallel_apply import run_parallel
+
+
+@pytest.fixture(autouse=True)
+def python_handles_ctrl_c() -> Iterator[None]:
+    """``interrupt_main`` does nothing where SIGINT is ignored (a test run started as a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("interrupts", [1, 3])

@@ -41,6 +41,12 @@ STRATEGIES = {
 }
 
 
+def _default_sigint() -> None:
+    """Give the app Ctrl-C's default disposition: a shell's background job starts with SIGINT ignored,
+    which the app would inherit (and Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the app in its own session, writing into ``run_dir``; output goes to ``<run_dir>.log``."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -48,7 +54,14 @@ def start(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> 
         full_env.pop(key, None)
     log = open(run_dir.with_suffix(".log"), "w")  # noqa: SIM115  (closed with the process)
     cmd = [sys.executable, str(APP), *TINY, *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_default_sigint,  # a run started from a background job would ignore Ctrl-C otherwise
+    )
     log.close()
     return proc
 
