@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.model_split import ModelSplit, PlacementError, apply_placement, plan_placement
+from tests.helpers.lora import SEQ, VOCAB, causal_lm
 from tests.helpers.markers import requires_cuda
 from tests.helpers.trainer import TRAINING_ONLY
 
@@ -21,25 +22,11 @@ accelerate = pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
-VOCAB, SEQ = 64, 8
 
 
 def tiny_llama(layers: int = 3) -> nn.Module:
-    transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config).double()
+    return causal_lm("llama", layers)
 
 
 def llama_device_map(model: nn.Module) -> dict[str, int]:
