@@ -24,7 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import RESULTS, machine, pyplot, save_results, stage_group_times
+from benchmarks.common import (
+    RESULTS,
+    add_token_model_arguments,
+    machine,
+    pyplot,
+    save_results,
+    stage_group_times,
+    token_batch,
+)
 from examples.models import TransformerNet
 from lightning_gpupar.model_split import ModelSplit
 
@@ -55,20 +63,11 @@ def step_times(net: TransformerNet, batch: tuple[torch.Tensor, torch.Tensor], st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP contention)")
+    add_token_model_arguments(parser, rounds=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    g = torch.Generator().manual_seed(0)
-    batch = (
-        torch.randint(0, 16, (args.batch, args.seq), generator=g),
-        torch.randint(0, 2, (args.batch,), generator=g),
-    )
+    batch = token_batch(args.batch, args.seq)
     cpu = torch.device("cpu")
     nets = {}
     for chunks in CHUNKS:

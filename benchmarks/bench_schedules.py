@@ -32,7 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import RESULTS, fit_step_times, interleaved, machine, pyplot, report, save_results
+from benchmarks.common import (
+    RESULTS,
+    add_token_model_arguments,
+    fit_step_times,
+    interleaved,
+    machine,
+    pyplot,
+    report,
+    save_results,
+    token_batch,
+)
 from examples.models import TransformerClassifier, TransformerNet
 from lightning_gpupar import ModelSplitStrategy
 from lightning_gpupar.model_split import ModelSplit
@@ -96,12 +106,7 @@ def memory(args: argparse.Namespace, batch: tuple[torch.Tensor, ...], device: to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP contention)")
+    add_token_model_arguments(parser, rounds=5)
     parser.add_argument(
         "--clock",
         choices=("cpu", "wall"),
@@ -111,11 +116,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    batch = (
-        torch.randint(0, 16, (args.batch, args.seq), generator=g),
-        torch.randint(0, 2, (args.batch,), generator=g),
-    )
+    batch = token_batch(args.batch, args.seq)
 
     # ------------------------------------------------------------------------------------ memory
     title = f"GPipe vs 1F1B activations, K=2, TransformerNet d_model={args.d_model} x4, batch {args.batch}"
@@ -145,9 +146,7 @@ def main() -> None:
 
     # ------------------------------------------------------------------------------------ speed
     n = args.batch * 8
-    data = TensorDataset(
-        torch.randint(0, 16, (n, args.seq), generator=g), torch.randint(0, 2, (n,), generator=g)
-    )
+    data = TensorDataset(*token_batch(n, args.seq))
     loader = DataLoader(data, batch_size=args.batch)
     cpu = torch.device("cpu")
 

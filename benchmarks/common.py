@@ -7,6 +7,7 @@ machine slows every variant alike.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -46,6 +47,22 @@ class StepTimer(pl.Callback):
         self._seen += 1
         if self._seen > self.warmup:
             self.times.append(self.clock() - self._start)
+
+
+def add_token_model_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The options of the pipeline benchmarks' TransformerNet runs (bench_pipeline, bench_schedules)."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP contention)")
+
+
+def token_batch(size: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline benchmarks' fixed batch: random tokens of a 16-word vocabulary, two classes."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 16, (size, seq), generator=g), torch.randint(0, 2, (size,), generator=g)
 
 
 def synchronize(strategy: Any) -> None:
