@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 #: Seconds a rank may take, after SIGTERM, to stop at a batch boundary, save and exit; then it is ended.
 #: Below the usual grace before SIGKILL (Kubernetes and SLURM: 30 s).
 SIGTERM_EXIT_DEADLINE_S = 25.0
+#: The training epoch loop's method that broadcasts rank 0's SIGTERM flag every step (Lightning >= 2.5).
+LOOP_BROADCAST = "_broadcast_sigterm_tensor"
 
 
 class DDPSignalConnector(_SignalConnector):
@@ -51,21 +53,34 @@ class DDPSignalConnector(_SignalConnector):
         if self.heard_sigterm:
             return
         self.heard_sigterm = True
+        if getattr(self.trainer, "world_size", 1) <= 1:
+            self.received_sigterm = True  # no rank to agree with, and Lightning's loop asks nothing then
         children = _forward(int(signum), getattr(self.trainer.strategy, "launcher", None))
         _start_deadline(SIGTERM_EXIT_DEADLINE_S, 128 + int(signum), children)
 
-    def agree(self, device: torch.device) -> None:
-        """Called by every rank at the start of every training step: read the agreement started at the
-        previous step (Lightning's flag is set on every rank when any rank had heard SIGTERM by then, so
-        every rank stops at the end of this step), then start the next one. Nothing here blocks: the
-        all-reduce runs while the step does, and is read a step later."""
+    def agree(self, device: torch.device, asynchronous: bool | None = None) -> None:
+        """Called by every rank at the start of every training step, in place of Lightning's broadcast of
+        rank 0's flag: set Lightning's flag on every rank once any rank has heard SIGTERM (every rank then
+        stops at the end of this step).
+
+        ``asynchronous`` (default: on CUDA) reads the all-reduce started at the previous step and starts the
+        next one, so no step waits for the GPU or the other ranks; otherwise the all-reduce is read at once,
+        which on CPU processes costs what Lightning's own broadcast did (an overlapping gloo collective
+        measured slower)."""
         if self.received_sigterm or not dist.is_available() or not dist.is_initialized():
             return  # once set, it is set on every rank: no more collectives
+        if not (device.type == "cuda" if asynchronous is None else asynchronous):
+            self.received_sigterm = _AsyncMax(self.heard_sigterm, device).result()
+            return
         if self._pending is not None:
             self.received_sigterm, self._pending = self._pending.result(), None
             if self.received_sigterm:
                 return
         self._pending = _AsyncMax(self.heard_sigterm, device)
+
+    def _agree_in_loop(self) -> None:
+        """:meth:`agree` as the training epoch loop's per-step SIGTERM broadcast (see :func:`install`)."""
+        self.agree(self.trainer.strategy.root_device)
 
 
 class _AsyncMax:
@@ -103,16 +118,28 @@ class _AsyncMax:
 
 
 def install(trainer: pl.Trainer) -> None:
-    """Give ``trainer`` the connector above; call before ``Trainer._run`` registers the handlers."""
+    """Give ``trainer`` the connector above; call before ``Trainer._run`` registers the handlers.
+
+    The connector's agreement takes the place of the per-step broadcast of rank 0's flag that Lightning's
+    training epoch loop makes (``_broadcast_sigterm_tensor``, Lightning >= 2.5): one collective per step
+    instead of two. On a Lightning without it, :func:`agree` runs it from the strategy's hook."""
     if not isinstance(trainer._signal_connector, DDPSignalConnector):
         trainer._signal_connector = DDPSignalConnector(trainer)
+    connector = trainer._signal_connector
+    if _loop_broadcasts(trainer):
+        setattr(trainer.fit_loop.epoch_loop, LOOP_BROADCAST, connector._agree_in_loop)
 
 
 def agree(trainer: pl.Trainer, device: torch.device) -> None:
-    """:meth:`DDPSignalConnector.agree` for ``trainer`` (nothing when it has another connector)."""
+    """:meth:`DDPSignalConnector.agree` from the strategy's ``on_train_batch_start``, where the loop has no
+    per-step broadcast for :func:`install` to replace (nothing when ``trainer`` has another connector)."""
     connector = trainer._signal_connector
-    if isinstance(connector, DDPSignalConnector):
+    if isinstance(connector, DDPSignalConnector) and not _loop_broadcasts(trainer):
         connector.agree(device)
+
+
+def _loop_broadcasts(trainer: pl.Trainer) -> bool:
+    return hasattr(type(trainer.fit_loop.epoch_loop), LOOP_BROADCAST)
 
 
 def _forward(signum: int, launcher: Any) -> list[subprocess.Popen]:

@@ -89,7 +89,8 @@ class DDPStrategy(CanonicalCheckpointMixin, LightningDDPStrategy):
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Every rank, every step: agree whether a rank heard SIGTERM (then all stop after this step)."""
+        """Every rank, every step: agree whether a rank heard SIGTERM (then all stop after this step), here
+        only on a Lightning whose loop does not ask every step (see :func:`signals.install`)."""
         super().on_train_batch_start(batch, batch_idx)
         assert self.lightning_module is not None
         signals.agree(self.lightning_module.trainer, self.root_device)

@@ -1,9 +1,12 @@
-"""The DDP ranks' SIGTERM agreement costs no blocking sync per step (issue 23, point 4).
+"""The DDP ranks' SIGTERM agreement costs no blocking sync per step on GPUs, and no collective beyond the
+one Lightning's loop already makes (issue 23, point 4).
 
 Two ranks are simulated in one process with a fake collective: each rank's all-reduce joins a round that
 completes once both ranks have joined it. The guarantee (every rank stops after the same step) and the
-mechanism (the collective is asynchronous and read one step later) are decided here; the CUDA test
-decides that no host sync happens on a GPU (one process, a one-rank NCCL group).
+asynchronous mechanism (the collective is read one step later) are decided here; the CUDA test decides
+that no host sync happens on a GPU (one process, a one-rank NCCL group). The wiring (the agreement takes
+the place of Lightning's per-step broadcast) is decided on a real Trainer; the stop with real processes
+in ``tests/app/test_app_signals.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import socket
 from types import SimpleNamespace
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
 
+from lightning_gpupar import DDPStrategy
+from lightning_gpupar.ddp import signals
 from lightning_gpupar.ddp.signals import DDPSignalConnector
 from tests.helpers.markers import requires_cuda
 
@@ -80,7 +86,7 @@ def test_every_rank_stops_after_the_same_step_and_no_step_waits_for_its_own_coll
             if rank == hearing_rank and step == heard_at:
                 connector.heard_sigterm = True  # heard during the step, after this rank agreed
             rounds.rank = rank
-            connector.agree(torch.device("cpu"))
+            connector.agree(torch.device("cpu"), asynchronous=True)
             if connector.received_sigterm:
                 stopped_at.setdefault(rank, step)
             if rank == hearing_rank and step == heard_at - 1:
@@ -96,9 +102,72 @@ def test_no_collective_once_every_rank_has_stopped(monkeypatch: pytest.MonkeyPat
     rounds, connectors = _connectors(monkeypatch, 1)
     connectors[0].heard_sigterm = True
     for _ in range(4):
-        connectors[0].agree(torch.device("cpu"))
+        connectors[0].agree(torch.device("cpu"), asynchronous=True)
     assert connectors[0].received_sigterm
     assert len(rounds.calls) == 1
+
+
+def test_on_cpu_the_agreement_is_read_in_the_step_that_starts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gloo: a blocking all-reduce, as Lightning's broadcast was (an overlapping one measured slower)."""
+    rounds, connectors = _connectors(monkeypatch, 1)
+    connectors[0].agree(torch.device("cpu"))
+    assert not connectors[0].received_sigterm
+    connectors[0].heard_sigterm = True
+    connectors[0].agree(torch.device("cpu"))
+    assert connectors[0].received_sigterm
+    assert [(index, step) for index, step in rounds.waits] == [(0, 0), (1, 0)]  # each read when started
+
+
+def _trainer(monkeypatch: pytest.MonkeyPatch) -> tuple[pl.Trainer, FakeRounds]:
+    """A Trainer on our DDP strategy, set up as ``fit`` would, with a fake two-rank process group."""
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DDPStrategy(), logger=False)
+    signals.install(trainer)
+    rounds = FakeRounds(1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", rounds.all_reduce)
+
+    def lightning_broadcast(*_: Any, **__: Any) -> None:
+        raise AssertionError("Lightning's per-step broadcast ran beside the agreement")
+
+    monkeypatch.setattr(dist, "broadcast", lightning_broadcast)
+    return trainer, rounds
+
+
+def test_the_agreement_takes_the_place_of_lightnings_per_step_broadcast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer, rounds = _trainer(monkeypatch)
+    connector = trainer._signal_connector
+    assert isinstance(connector, DDPSignalConnector)
+    loop = trainer.fit_loop.epoch_loop
+    loop._broadcast_sigterm_tensor()  # what Lightning's advance calls at every step's start (world > 1)
+    assert len(rounds.calls) == 1 and not trainer.received_sigterm
+    connector.heard_sigterm = True
+    loop._broadcast_sigterm_tensor()  # no SIGTERMException here: the step runs, and the loop stops after it
+    assert len(rounds.calls) == 2 and trainer.received_sigterm
+    signals.agree(trainer, torch.device("cpu"))  # the strategy's hook adds nothing
+    assert len(rounds.calls) == 2
+
+
+def test_a_lightning_without_the_per_step_broadcast_agrees_in_the_strategy_hook(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(signals, "LOOP_BROADCAST", "_no_such_method")
+    trainer, rounds = _trainer(monkeypatch)
+    assert "_broadcast_sigterm_tensor" not in vars(trainer.fit_loop.epoch_loop)
+    signals.agree(trainer, torch.device("cpu"))
+    assert len(rounds.calls) == 1
+
+
+def test_one_process_stops_on_its_own_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """World size 1: Lightning's loop asks no rank, so the signal itself sets the flag."""
+    monkeypatch.setattr(signals, "_start_deadline", lambda *_: None)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DDPStrategy(), logger=False)
+    signals.install(trainer)
+    connector = trainer._signal_connector
+    assert isinstance(connector, DDPSignalConnector)
+    connector._sigterm_notifier_fn(15, None)
+    assert trainer.received_sigterm
 
 
 @pytest.mark.cuda
