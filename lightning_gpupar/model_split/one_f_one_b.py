@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,8 @@ from lightning_gpupar.model_split.plan import PlacementPlan
 SCHEDULES = ("gpipe", "1f1b")
 
 
-def one_f_one_b_order(num_microbatches: int, num_partitions: int) -> list[tuple[str, int, int]]:
+@functools.cache
+def one_f_one_b_order(num_microbatches: int, num_partitions: int) -> tuple[tuple[str, int, int], ...]:
     """The order one process issues the work of a 1F1B step: ``("F", m, -1)`` runs micro-batch ``m``'s
     forward through every partition (and its loss), ``("B", m, j)`` partition ``j``'s backward of it.
 
@@ -46,7 +48,7 @@ def one_f_one_b_order(num_microbatches: int, num_partitions: int) -> list[tuple[
             m = n - (k - 1 - j)
             if 0 <= m < num_microbatches:
                 order.append(("B", m, j))
-    return order
+    return tuple(order)
 
 
 @dataclass
@@ -140,8 +142,11 @@ class StagedPipeline:
                         # one wave (partitions K-1, K-2, ... after one forward) touches different partitions
                         # and micro-batches: one call runs it (on CUDA the engine's device threads run them
                         # side by side); the next wave needs this one's gradients
-                        with _paused(norms):
+                        if norms is None:
                             _backward([pair for pairs in roots for pair in pairs])
+                        else:
+                            with _paused(norms):
+                                _backward([pair for pairs in roots for pair in pairs])
                         roots = []
         finally:
             self._current, self._trace = None, None
@@ -179,9 +184,6 @@ def _detach_boundary(record: _MicroBatch, j: int, data: Any) -> Any:
 @contextlib.contextmanager
 def _paused(norms: Any) -> Iterator[None]:
     """Deferred BatchNorm collects nothing while a recomputed stage runs its forward again in backward."""
-    if norms is None:
-        yield
-        return
     collecting, norms.collecting = norms.collecting, False
     try:
         yield
