@@ -13,7 +13,9 @@ TransformerNet split in two stages (K=2, both on the CPU, as bench_pipeline.py s
   1F1B runs the same work in another order, plus one ``training_step`` call per micro-batch). The
   example's ``training_step`` updates a torchmetrics metric and logs twice: under 1F1B that runs M times
   (torchmetrics' and Lightning's cost, not the schedule's), so the same model with a lean ``training_step``
-  (loss only) is measured too: its ratio is the schedule's own share;
+  (loss only) is measured too: its ratio is the schedule's own share; and the unsplit model run in each
+  schedule's order by hand (forward + backward per micro-batch, or every forward first), with no pipeline
+  and no Lightning: the same operators, so their ratio is what 1F1B's order alone costs on this machine;
 - a traced 1F1B step draws its timeline (``results/pipeline_timeline_1f1b.png``) beside GPipe's.
 
 Writes ``results/schedules_memory.csv`` + ``.png`` and ``results/schedules.csv`` + ``.png``.
@@ -22,6 +24,7 @@ Writes ``results/schedules_memory.csv`` + ``.png`` and ``results/schedules.csv``
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -77,6 +80,31 @@ def one_step(net: TransformerNet, split: Any, schedule: str, batch: tuple[torch.
     split.staged.run(
         len(xs), lambda i: torch.nn.functional.cross_entropy(net(xs[i]), ys[i]) * (len(xs[i]) / len(x))
     )
+
+
+def order_step_times(args: argparse.Namespace, chunks: int, interleave: bool, clock: Any) -> list[float]:
+    """The unsplit TransformerNet on ``chunks`` micro-batches, no pipeline, no Lightning: each micro-batch's
+    forward then its backward (1F1B's order, as gradient accumulation by hand), or every forward, then one
+    backward (GPipe's order). Both run the same operators; the ratio is what the order alone costs here."""
+    net = build(args)
+    x, y = token_batch(args.batch, args.seq)
+    xs, ys = x.tensor_split(chunks), y.tensor_split(chunks)
+    weights = [len(part) / len(x) for part in xs]
+    times = []
+    for step in range(args.steps):
+        start = clock()
+        if interleave:
+            for part, target, weight in zip(xs, ys, weights, strict=True):
+                (torch.nn.functional.cross_entropy(net(part), target) * weight).backward()
+        else:
+            losses = [
+                torch.nn.functional.cross_entropy(net(p), t) * w
+                for p, t, w in zip(xs, ys, weights, strict=True)
+            ]
+            torch.stack(losses).sum().backward()
+        if step >= 3:
+            times.append(clock() - start)
+    return times
 
 
 def memory(args: argparse.Namespace, batch: tuple[torch.Tensor, ...], device: torch.device) -> dict[str, Any]:
@@ -150,6 +178,8 @@ def main() -> None:
     loader = DataLoader(data, batch_size=args.batch)
     cpu = torch.device("cpu")
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def variant(schedule: str, chunks: int, lean: bool = False) -> Any:
         def measure() -> list[float]:
             torch.manual_seed(0)
@@ -161,12 +191,16 @@ def main() -> None:
                 schedule=schedule,
                 parallel_devices=[cpu, cpu],
             )
-            clock = time.process_time if args.clock == "cpu" else time.perf_counter
             return fit_step_times(module, loader, args.steps, clock, strategy=strategy, accelerator="cpu")
 
         return measure
 
     variants = {f"{s} chunks={c} (CPU)": variant(s, c) for c in SPEED_CHUNKS for s in SCHEDULES}
+    for c in SPEED_CHUNKS:
+        for interleave, label in ((False, "all forwards first"), (True, "forward+backward each")):
+            variants[f"unsplit chunks={c}, {label}"] = functools.partial(
+                order_step_times, args, c, interleave, clock
+            )
     variants.update(
         {f"{s} chunks={c} lean step (CPU)": variant(s, c, True) for c in SPEED_CHUNKS for s in SCHEDULES}
     )
@@ -179,6 +213,15 @@ def main() -> None:
             f"1f1b/gpipe chunks={c} lean step (target <= 1.05)": (
                 f"1f1b chunks={c} lean step (CPU)",
                 f"gpipe chunks={c} lean step (CPU)",
+            )
+            for c in SPEED_CHUNKS
+        }
+    )
+    speed.update(
+        {
+            f"1F1B's order alone, unsplit, chunks={c} (no goal)": (
+                f"unsplit chunks={c}, forward+backward each",
+                f"unsplit chunks={c}, all forwards first",
             )
             for c in SPEED_CHUNKS
         }
