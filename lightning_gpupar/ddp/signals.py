@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: Seconds a rank may take, after SIGTERM, to stop at a batch boundary, save and exit; then it is ended.
 #: Below the usual grace before SIGKILL (Kubernetes and SLURM: 30 s).
 SIGTERM_EXIT_DEADLINE_S = 25.0
-#: The training epoch loop's method that broadcasts rank 0's SIGTERM flag every step (Lightning >= 2.5).
+#: The training epoch loop's method that broadcasts rank 0's SIGTERM flag every step (Lightning PR #20825).
 LOOP_BROADCAST = "_broadcast_sigterm_tensor"
 
 
@@ -53,7 +53,7 @@ class DDPSignalConnector(_SignalConnector):
         if self.heard_sigterm:
             return
         self.heard_sigterm = True
-        if getattr(self.trainer, "world_size", 1) <= 1:
+        if self.trainer.world_size <= 1:
             self.received_sigterm = True  # no rank to agree with, and Lightning's loop asks nothing then
         children = _forward(int(signum), getattr(self.trainer.strategy, "launcher", None))
         _start_deadline(SIGTERM_EXIT_DEADLINE_S, 128 + int(signum), children)
@@ -121,7 +121,7 @@ def install(trainer: pl.Trainer) -> None:
     """Give ``trainer`` the connector above; call before ``Trainer._run`` registers the handlers.
 
     The connector's agreement takes the place of the per-step broadcast of rank 0's flag that Lightning's
-    training epoch loop makes (``_broadcast_sigterm_tensor``, Lightning >= 2.5): one collective per step
+    training epoch loop makes (``_broadcast_sigterm_tensor``, Lightning PR #20825): one collective per step
     instead of two. On a Lightning without it, :func:`agree` runs it from the strategy's hook."""
     if not isinstance(trainer._signal_connector, DDPSignalConnector):
         trainer._signal_connector = DDPSignalConnector(trainer)

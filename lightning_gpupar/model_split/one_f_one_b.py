@@ -142,11 +142,8 @@ class StagedPipeline:
                         # one wave (partitions K-1, K-2, ... after one forward) touches different partitions
                         # and micro-batches: one call runs it (on CUDA the engine's device threads run them
                         # side by side); the next wave needs this one's gradients
-                        if norms is None:
+                        with _paused(norms):
                             _backward([pair for pairs in roots for pair in pairs])
-                        else:
-                            with _paused(norms):
-                                _backward([pair for pairs in roots for pair in pairs])
                         roots = []
         finally:
             self._current, self._trace = None, None
@@ -184,6 +181,9 @@ def _detach_boundary(record: _MicroBatch, j: int, data: Any) -> Any:
 @contextlib.contextmanager
 def _paused(norms: Any) -> Iterator[None]:
     """Deferred BatchNorm collects nothing while a recomputed stage runs its forward again in backward."""
+    if norms is None:
+        yield
+        return
     collecting, norms.collecting = norms.collecting, False
     try:
         yield
